@@ -1,0 +1,568 @@
+"""BERT with Hugging Face's module and parameter names, built on :mod:`fastbert.ops`.
+
+A state_dict of any model here has exactly the keys transformers uses, so HF checkpoints load and
+save unchanged. The layers call the fused ops (attention, dropout+residual+LayerNorm, bias+GELU);
+which implementation runs is :mod:`fastbert.backend`'s choice.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fastbert import ops, weights
+from fastbert._validation import DtypeError, check_tensor, value_checks_cheap
+from fastbert.config import BertConfig
+from fastbert.ops.attention import varlen_preferred
+from fastbert.outputs import (
+    BaseModelOutputWithPooling,
+    BertForPreTrainingOutput,
+    MaskedLMOutput,
+    SequenceClassifierOutput,
+)
+
+logger = logging.getLogger("fastbert")
+
+IGNORE_INDEX = -100
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+@dataclass
+class AttentionInputs:
+    """How the encoder's tokens are laid out: padded (key_padding_mask) or unpadded (cu_seqlens)."""
+
+    key_padding_mask: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+
+    @property
+    def unpadded(self) -> bool:
+        return self.cu_seqlens is not None
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)),
+                             persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        words = self.word_embeddings(input_ids)
+        if position_ids is None:
+            position_ids = self.position_ids[:, : input_ids.shape[1]]
+        if token_type_ids is None:
+            token_types = self.token_type_embeddings.weight[0]
+        else:
+            token_types = self.token_type_embeddings(token_type_ids)
+        position_and_type = (self.position_embeddings(position_ids) + token_types).expand_as(words)
+        # HF order: LayerNorm over the sum, then dropout (not the sublayers' dropout-before-add).
+        hidden = ops.dropout_add_layer_norm(words, position_and_type, self.LayerNorm.weight, self.LayerNorm.bias,
+                                            self.LayerNorm.eps, 0.0)
+        return self.dropout(hidden)
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.all_head_size = self.num_attention_heads * self.attention_head_size
+        self.query = nn.Linear(config.hidden_size, self.all_head_size)
+        self.key = nn.Linear(config.hidden_size, self.all_head_size)
+        self.value = nn.Linear(config.hidden_size, self.all_head_size)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
+        # One GEMM for q, k and v; the three HF Linear modules (and their names) stay as they are.
+        weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
+        bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
+        lead = hidden_states.shape[:-1]
+        qkv = F.linear(hidden_states, weight, bias).view(*lead, 3, self.num_attention_heads, self.attention_head_size)
+        q, k, v = qkv.unbind(dim=-3)
+        dropout_p = self.dropout.p if self.training else 0.0
+        if attn.unpadded:
+            context = ops.attention_varlen(q, k, v, attn.cu_seqlens, attn.max_seqlen, dropout_p)
+        else:
+            context = ops.attention(q, k, v, attn.key_padding_mask, dropout_p)
+        return context.reshape(*lead, self.all_head_size)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return ops.dropout_add_layer_norm(self.dense(hidden_states), input_tensor, self.LayerNorm.weight,
+                                          self.LayerNorm.bias, self.LayerNorm.eps,
+                                          self.dropout.p if self.training else 0.0)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, hidden_states: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
+        return self.output(self.self(hidden_states, attn), hidden_states)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.hidden_act = config.hidden_act
+        self.intermediate_act_fn = _ACTIVATIONS[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.hidden_act == "gelu":
+            # The bias add is fused into the GELU: the GEMM runs without it.
+            return ops.bias_gelu(F.linear(hidden_states, self.dense.weight), self.dense.bias)
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class BertOutput(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return ops.dropout_add_layer_norm(self.dense(hidden_states), input_tensor, self.LayerNorm.weight,
+                                          self.LayerNorm.bias, self.LayerNorm.eps,
+                                          self.dropout.p if self.training else 0.0)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, hidden_states: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
+        attention_output = self.attention(hidden_states, attn)
+        return self.output(self.intermediate(attention_output), attention_output)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
+        for layer in self.layer:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden_states = checkpoint(layer, hidden_states, attn, use_reentrant=False)
+            else:
+                hidden_states = layer(hidden_states, attn)
+        return hidden_states
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(hidden_states[:, 0]))
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.hidden_act = config.hidden_act
+        self.transform_act_fn = _ACTIVATIONS[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.hidden_act == "gelu":
+            hidden_states = ops.bias_gelu(F.linear(hidden_states, self.dense.weight), self.dense.bias)
+        else:
+            hidden_states = self.transform_act_fn(self.dense(hidden_states))
+        return ops.dropout_add_layer_norm(hidden_states, None, self.LayerNorm.weight, self.LayerNorm.bias,
+                                          self.LayerNorm.eps, 0.0)
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        # The decoder weight is tied to the word embeddings by the model; its bias is `self.bias`.
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden_states))
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+
+    def forward(self, sequence_output: torch.Tensor) -> torch.Tensor:
+        return self.predictions(sequence_output)
+
+
+class BertPreTrainingHeads(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+    def forward(self, sequence_output: torch.Tensor, pooled_output: torch.Tensor):
+        return self.predictions(sequence_output), self.seq_relationship(pooled_output)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Top-level models
+# ---------------------------------------------------------------------------------------------------
+class BertPreTrainedModel(nn.Module):
+    """Init scheme, tying and HF-format load/save shared by every top-level model."""
+
+    base_model_prefix = "bert"
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        if not isinstance(config, BertConfig):
+            raise TypeError(f"config must be a fastbert.BertConfig, got {type(config).__name__}")
+        self.config = config
+
+    def post_init(self) -> None:
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, BertLMPredictionHead):
+            nn.init.zeros_(module.bias)
+
+    def tie_weights(self) -> None:
+        """Share the MLM decoder weight with the word embeddings (BERT ties them)."""
+        head = self._lm_head()
+        if head is not None and self.config.tie_word_embeddings:
+            head.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        if head is not None:
+            head.decoder.bias = head.bias
+
+    def _lm_head(self) -> BertLMPredictionHead | None:
+        cls = getattr(self, "cls", None)
+        return getattr(cls, "predictions", None)
+
+    def _tied_keys_now(self) -> tuple[str, ...]:
+        """Parameters shared with another one: left out of saved files and never reported missing."""
+        head = self._lm_head()
+        if head is None:
+            return ()
+        keys = ["cls.predictions.decoder.bias"]
+        if head.decoder.weight is self.bert.embeddings.word_embeddings.weight:
+            keys.append("cls.predictions.decoder.weight")
+        return tuple(keys)
+
+    @property
+    def num_parameters(self) -> int:
+        """Unique parameters (tied ones counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, config: BertConfig | None = None,
+                        strict: bool = False, dtype: torch.dtype | None = None,
+                        output_loading_info: bool = False):
+        """Load an HF checkpoint directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``).
+
+        Keys may be ``bert.``-prefixed or not; ``LayerNorm.gamma/beta`` are renamed. Parameters the
+        checkpoint lacks (e.g. pre-training heads when loading a BertModel checkpoint) keep their
+        initial values and are logged as a warning; ``strict=True`` makes any missing or unexpected key
+        a ValueError that lists them. ``output_loading_info=True`` returns ``(model, LoadingInfo)``.
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ValueError(
+                f"{str(directory)!r} is not a checkpoint directory. For a freshly initialised model of a preset "
+                f"size use {cls.__name__}(fastbert.BertConfig.from_pretrained(name))"
+            )
+        if config is None:
+            config = BertConfig.from_pretrained(directory)
+        model = cls(config)
+        info = weights.load_state_dict_into(model, weights.read_state_dict(directory),
+                                            tied_keys=model._tied_keys_now(), prefix=cls.base_model_prefix + ".")
+        model.tie_weights()
+        if strict and (info.missing_keys or info.unexpected_keys):
+            raise ValueError(f"strict load of {directory} failed: {info.describe()}")
+        if info.missing_keys:
+            logger.warning("%s.from_pretrained(%s): %s", cls.__name__, directory, info.describe())
+        elif info.unexpected_keys:
+            logger.info("%s.from_pretrained(%s): %s", cls.__name__, directory, info.describe())
+        if dtype is not None:
+            model = model.to(dtype)
+        model.eval()  # as transformers: a loaded model starts in eval mode
+        return (model, info) if output_loading_info else model
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` that transformers loads with no missing keys."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = self.config.replace(architectures=[type(self).__name__])
+        weights.save_state_dict(self, directory, tied_keys=self._tied_keys_now())
+        config.save_pretrained(directory)
+        return directory
+
+
+class BertModel(BertPreTrainedModel):
+    """The encoder: embeddings → N × BertLayer → (optional) pooler.
+
+    ``unpad``: None (default) unpads the batch once after the embeddings when a fused varlen attention
+    kernel will run and pads once at the end; True/False force the unpadded/padded path.
+    """
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.unpad: bool | None = None
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def check_inputs(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None) -> None:
+        """Raise a clear error for inputs that would give wrong numbers or a deep trace later."""
+        check_tensor("input_ids", input_ids)
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise DtypeError(f"input_ids must be int64 (or int32) token ids, got {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be 2-D (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        batch, seqlen = input_ids.shape
+        if seqlen == 0 or batch == 0:
+            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
+        limit = self.config.max_position_embeddings
+        if position_ids is None and seqlen > limit:
+            raise ValueError(f"sequence length {seqlen} is longer than max_position_embeddings ({limit})")
+        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
+                        ("position_ids", position_ids)):
+            if t is None:
+                continue
+            check_tensor(name, t)
+            if t.shape != input_ids.shape and not (name == "position_ids" and t.shape == (1, seqlen)):
+                raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(input_ids.shape)}")
+            if t.device != input_ids.device:
+                raise ValueError(f"{name} is on {t.device} but input_ids is on {input_ids.device}")
+        for name, t in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
+            if t is not None and (t.dtype.is_floating_point or t.dtype == torch.bool):
+                raise DtypeError(f"{name} must be an integer tensor, got {t.dtype}")
+        if not value_checks_cheap(input_ids):
+            return
+        ranges = (("input_ids", input_ids, self.config.vocab_size, "vocab_size"),
+                  ("token_type_ids", token_type_ids, self.config.type_vocab_size, "type_vocab_size"),
+                  ("position_ids", position_ids, limit, "max_position_embeddings"))
+        for name, t, high, field_name in ranges:
+            if t is not None and (int(t.min()) < 0 or int(t.max()) >= high):
+                raise ValueError(f"{name} must be in [0, {field_name}={high}); got values in "
+                                 f"[{int(t.min())}, {int(t.max())}]")
+        if attention_mask is not None and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask values must be 0 or 1 (1 = real token, 0 = padding)")
+
+    def _use_unpadded(self, attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> bool:
+        if attention_mask is None:
+            return False
+        if self.unpad is not None:
+            return self.unpad
+        return varlen_preferred(hidden)
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None) -> torch.Tensor:
+        """The encoder's last hidden state, (batch, seq_len, hidden); zeros at padding when unpadded."""
+        self.check_inputs(input_ids, attention_mask, token_type_ids, position_ids)
+        hidden = self.embeddings(input_ids, token_type_ids, position_ids)
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask != 0
+        if self._use_unpadded(attention_mask, hidden):
+            batch, seqlen = input_ids.shape
+            hidden, indices, cu_seqlens, max_seqlen = ops.unpad_input(hidden, attention_mask)
+            hidden = self.encoder(hidden, AttentionInputs(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen))
+            return ops.pad_input(hidden, indices, batch, seqlen)
+        return self.encoder(hidden, AttentionInputs(key_padding_mask=attention_mask))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> BaseModelOutputWithPooling:
+        """input_ids: (batch, seq_len) int64; attention_mask: 1 = real token, 0 = padding;
+        token_type_ids: segment ids (0 = A, 1 = B). Returns last_hidden_state, pooler_output."""
+        sequence_output = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
+        pooled = self.pooler(sequence_output) if self.pooler is not None else None
+        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled)
+
+
+def _check_labels(name: str, labels: torch.Tensor, shape: tuple[int, ...], num_classes: int,
+                  allow_ignore: bool) -> None:
+    check_tensor(name, labels)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise DtypeError(f"{name} must be an integer tensor, got {labels.dtype}")
+    if tuple(labels.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(labels.shape)}")
+    if value_checks_cheap(labels) and labels.numel():
+        valid = (labels >= 0) & (labels < num_classes)
+        if allow_ignore:
+            valid |= labels == IGNORE_INDEX
+        if not bool(valid.all()):
+            bad = labels[~valid][0].item()
+            allowed = f"[0, {num_classes})" + (f" or {IGNORE_INDEX}" if allow_ignore else "")
+            raise ValueError(f"{name} must be in {allowed}; found {bad}")
+
+
+def _masked_lm(head: nn.Module, sequence_output: torch.Tensor, labels: torch.Tensor | None, vocab_size: int):
+    """MLM logits and loss. With labels the decoder (the largest GEMM of pre-training) runs only on the
+    masked positions; returns ((num_masked, vocab) logits, loss). Without: (batch, seq, vocab), None."""
+    if labels is None:
+        return head(sequence_output), None
+    _check_labels("labels", labels, tuple(sequence_output.shape[:2]), vocab_size, allow_ignore=True)
+    selected = labels != IGNORE_INDEX
+    logits = head(sequence_output[selected])
+    targets = labels[selected]
+    # Sum / count keeps a batch with no masked token at loss 0 instead of NaN.
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(targets.numel(), 1)
+    return logits, loss
+
+
+class BertForPreTraining(BertPreTrainedModel):
+    """BERT with the masked-LM and next-sentence heads (``bert``, ``cls``)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.cls = BertPreTrainingHeads(config)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None,
+                next_sentence_label: torch.Tensor | None = None) -> BertForPreTrainingOutput:
+        """labels: (batch, seq_len) original ids at masked positions, -100 elsewhere.
+        next_sentence_label: (batch,) 0 = B follows A, 1 = B is random. ``loss`` = mlm_loss + nsp_loss
+        (whichever labels are given)."""
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
+        sequence_output, pooled = out.last_hidden_state, out.pooler_output
+        prediction_logits, mlm_loss = _masked_lm(self.cls.predictions, sequence_output, labels,
+                                                 self.config.vocab_size)
+        seq_relationship_logits = self.cls.seq_relationship(pooled)
+        nsp_loss = None
+        if next_sentence_label is not None:
+            _check_labels("next_sentence_label", next_sentence_label, (input_ids.shape[0],), 2, allow_ignore=False)
+            nsp_loss = F.cross_entropy(seq_relationship_logits.float(), next_sentence_label)
+        losses = [x for x in (mlm_loss, nsp_loss) if x is not None]
+        return BertForPreTrainingOutput(
+            loss=sum(losses) if losses else None,
+            prediction_logits=prediction_logits,
+            seq_relationship_logits=seq_relationship_logits,
+            mlm_loss=mlm_loss,
+            nsp_loss=nsp_loss,
+        )
+
+
+class BertForMaskedLM(BertPreTrainedModel):
+    """BERT with the masked-LM head only (``bert`` without pooler, ``cls.predictions``)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> MaskedLMOutput:
+        sequence_output = self.bert(input_ids, attention_mask, token_type_ids, position_ids).last_hidden_state
+        logits, loss = _masked_lm(self.cls.predictions, sequence_output, labels, self.config.vocab_size)
+        return MaskedLMOutput(loss=loss, logits=logits)
+
+
+class BertForSequenceClassification(BertPreTrainedModel):
+    """BERT + dropout + a linear classifier on the pooled [CLS] (``bert``, ``dropout``, ``classifier``).
+
+    Loss as transformers: num_labels == 1 → MSE regression; integer labels → cross-entropy;
+    float (batch, num_labels) labels → multi-label BCE. ``config.problem_type`` overrides the guess."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
+        pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids).pooler_output
+        logits = self.classifier(self.dropout(pooled))
+        loss = None
+        if labels is not None:
+            loss = self._loss(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        batch = logits.shape[0]
+        problem = self.config.problem_type
+        if problem is None:
+            if self.num_labels == 1:
+                problem = "regression"
+            elif not labels.dtype.is_floating_point:
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        if problem == "regression":
+            check_tensor("labels", labels)
+            if labels.numel() != batch * self.num_labels:
+                raise ValueError(f"regression labels must hold {batch * self.num_labels} values, got shape "
+                                 f"{tuple(labels.shape)}")
+            return F.mse_loss(logits.float().view(-1), labels.float().view(-1))
+        if problem == "single_label_classification":
+            _check_labels("labels", labels, (batch,), self.num_labels, allow_ignore=True)
+            return F.cross_entropy(logits.float(), labels)
+        check_tensor("labels", labels)
+        if tuple(labels.shape) != (batch, self.num_labels):
+            raise ValueError(f"multi-label labels must have shape {(batch, self.num_labels)}, got {tuple(labels.shape)}")
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())

@@ -1,0 +1,115 @@
+"""Padding ↔ unpadded ("varlen") layout: drop the padding once before the encoder, restore it once after.
+
+The unpadded layout holds all real tokens back to back, ``(total_tokens, ...)``, described by
+``cu_seqlens`` (int32 prefix sums of the per-sequence lengths, length batch+1) and ``max_seqlen``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastbert import _extension
+from fastbert._validation import check_mask_dtype, check_tensor
+
+
+def _check_mask(attention_mask: torch.Tensor) -> None:
+    check_mask_dtype("attention_mask", attention_mask)
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be 2-D (batch, seqlen), got shape {tuple(attention_mask.shape)}")
+
+
+def unpad_metadata_reference(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Torch reference of :func:`unpad_metadata` (works on any device)."""
+    _check_mask(attention_mask)
+    real = attention_mask != 0
+    seqlens = real.sum(dim=1, dtype=torch.int32)
+    indices = torch.nonzero(real.flatten(), as_tuple=False).flatten()
+    cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+    max_seqlen = int(seqlens.max().item()) if seqlens.numel() else 0
+    return indices, cu_seqlens, max_seqlen
+
+
+def unpad_metadata(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(indices, cu_seqlens, max_seqlen)`` of the real tokens of a (batch, seqlen) 0/1 mask.
+
+    indices: int64 (total,) flat positions ``b * seqlen + t``; cu_seqlens: int32 (batch + 1,);
+    max_seqlen: Python int. CPU masks go through the C++ extension (no torch op overhead, which is what
+    the data loader wants); CUDA masks, or a build without the extension, use the torch reference.
+    """
+    _check_mask(attention_mask)
+    if attention_mask.device.type == "cpu" and _extension.is_available():
+        if attention_mask.numel() and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask values must be 0 or 1 (1 = real token)")
+        indices, cu_seqlens, max_seqlen = _extension.load().unpad_metadata(attention_mask)
+        return indices, cu_seqlens, int(max_seqlen)
+    return unpad_metadata_reference(attention_mask)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``x[indices]`` along dim 0; backward scatters with index_copy (indices are unique → deterministic)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(indices)
+        ctx.num_rows = x.shape[0]
+        return x.index_select(0, indices)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (indices,) = ctx.saved_tensors
+        grad_x = grad_out.new_zeros((ctx.num_rows, *grad_out.shape[1:]))
+        grad_x.index_copy_(0, indices, grad_out)
+        return grad_x, None
+
+
+class _ScatterRows(torch.autograd.Function):
+    """A zero tensor of ``num_rows`` rows with ``x`` written at ``indices``; backward gathers."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, indices: torch.Tensor, num_rows: int) -> torch.Tensor:
+        ctx.save_for_backward(indices)
+        out = x.new_zeros((num_rows, *x.shape[1:]))
+        out.index_copy_(0, indices, x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (indices,) = ctx.saved_tensors
+        return grad_out.index_select(0, indices), None, None
+
+
+def unpad_input(hidden: torch.Tensor, attention_mask: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Drop the padding of ``hidden``.
+
+    hidden: (batch, seqlen, ...) any dtype; attention_mask: (batch, seqlen) bool/int, 1 = real token.
+    Returns ``(hidden_unpadded (total, ...), indices int64 (total,), cu_seqlens int32 (batch+1,),
+    max_seqlen int)``. Differentiable in ``hidden``.
+    """
+    check_tensor("hidden", hidden)
+    _check_mask(attention_mask)
+    if hidden.dim() < 2 or hidden.shape[:2] != attention_mask.shape:
+        raise ValueError(
+            f"hidden must start with the mask's (batch, seqlen) = {tuple(attention_mask.shape)}, "
+            f"got shape {tuple(hidden.shape)}"
+        )
+    indices, cu_seqlens, max_seqlen = unpad_metadata(attention_mask)
+    indices = indices.to(hidden.device, non_blocking=True)
+    cu_seqlens = cu_seqlens.to(hidden.device, non_blocking=True)
+    flat = hidden.reshape(-1, *hidden.shape[2:])
+    return _GatherRows.apply(flat, indices), indices, cu_seqlens, max_seqlen
+
+
+def pad_input(hidden_unpadded: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """Inverse of :func:`unpad_input`: (total, ...) → (batch, seqlen, ...), zeros at padding."""
+    check_tensor("hidden_unpadded", hidden_unpadded)
+    check_tensor("indices", indices)
+    if indices.dim() != 1 or indices.shape[0] != hidden_unpadded.shape[0]:
+        raise ValueError(
+            f"indices must be 1-D with one entry per row of hidden_unpadded ({hidden_unpadded.shape[0]}), "
+            f"got shape {tuple(indices.shape)}"
+        )
+    if indices.dtype != torch.int64:
+        raise ValueError(f"indices must be int64, got {indices.dtype}")
+    out = _ScatterRows.apply(hidden_unpadded, indices, batch * seqlen)
+    return out.view(batch, seqlen, *hidden_unpadded.shape[1:])

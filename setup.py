@@ -1,0 +1,35 @@
+"""Build script: the Python package, `kernels/` installed as `fastbert.kernels`, and the C++
+extension `csrc/` built into `fastbert._C` with torch's cpp_extension (ninja).
+
+Install (torch first): pip install --no-build-isolation -e .
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ext_modules = []
+cmdclass = {}
+if os.environ.get("FASTBERT_SKIP_EXTENSION") != "1":
+    # Without torch there is nothing to build against; the package still installs and
+    # `fastbert._C` raises a clear error on first use.
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        print("fastbert: torch not found, skipping the C++ extension fastbert._C")
+    else:
+        ext_modules.append(
+            CppExtension(
+                name="fastbert._C",
+                sources=sorted(glob.glob("csrc/*.cpp")),
+                extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
+            )
+        )
+        cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+
+setup(
+    packages=find_packages(include=["fastbert", "fastbert.*"]) + ["fastbert.kernels"],
+    package_dir={"fastbert.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
