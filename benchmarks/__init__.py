@@ -1,0 +1,1 @@
+"""fastbert's benchmark suite: one script per subject, each exposing ``run(device, dtype, quick)``."""

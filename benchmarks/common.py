@@ -1,0 +1,150 @@
+"""What every benchmark script shares: timing, the result row (one CSV format), and printing.
+
+Timing: on CUDA ``triton.testing.do_bench`` (median, p20, p80 over many runs after warm-up); on the
+CPU a plain repeated timer. Rows carry the columns of ``results.csv``.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import os
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+CSV_COLUMNS = ("op", "provider", "mode", "dtype", "shape", "ms_median", "ms_p20", "ms_p80", "tflops", "gbps",
+               "pct_of_peak", "peak_mem_mb", "device", "torch", "triton", "commit", "date")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Timing:
+    median: float  # milliseconds
+    p20: float
+    p80: float
+
+
+def time_fn(fn: Callable[[], object], device: str, *, quick: bool = False) -> Timing:
+    """Milliseconds per call of ``fn`` (median, p20, p80)."""
+    if device == "cuda":
+        import triton.testing
+
+        ms = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
+                                     quantiles=[0.5, 0.2, 0.8])
+        return Timing(*ms)
+    fn()  # warm-up
+    samples = []
+    budget = 0.2 if quick else 1.0
+    start = time.perf_counter()
+    while len(samples) < 3 or (time.perf_counter() - start < budget and len(samples) < 50):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    samples.sort()
+    q = statistics.quantiles(samples, n=5) if len(samples) >= 5 else [samples[0]] * 4
+    return Timing(statistics.median(samples), q[0], q[3])
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
+    """Peak CUDA memory of one call (None on the CPU, where torch does not track it)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+@dataclass
+class Row:
+    op: str
+    provider: str
+    mode: str  # fwd | bwd | fwd+bwd | step | ...
+    dtype: str
+    shape: str
+    ms_median: float | None = None
+    ms_p20: float | None = None
+    ms_p80: float | None = None
+    tflops: float | None = None
+    gbps: float | None = None
+    pct_of_peak: float | None = None
+    peak_mem_mb: float | None = None
+    device: str = ""
+    torch: str = torch.__version__
+    triton: str = ""
+    commit: str = ""
+    date: str = ""
+    note: str = ""  # e.g. "unsupported: ..." — printed, not a CSV column
+
+    @classmethod
+    def measured(cls, op: str, provider: str, mode: str, dtype: str, shape: str, timing: Timing, *,
+                 flops: float | None = None, bytes_moved: float | None = None, **extra) -> "Row":
+        row = cls(op, provider, mode, dtype, shape, timing.median, timing.p20, timing.p80, **extra)
+        if flops is not None:
+            row.tflops = flops / (timing.median * 1e-3) / 1e12
+        if bytes_moved is not None:
+            row.gbps = bytes_moved / (timing.median * 1e-3) / 1e9
+        return row
+
+    @classmethod
+    def unsupported(cls, op: str, provider: str, mode: str, dtype: str, shape: str, why: str) -> "Row":
+        return cls(op, provider, mode, dtype, shape, note=f"unsupported: {why}")
+
+
+def environment() -> dict[str, str]:
+    """device / torch / triton / commit / date for every row of one run."""
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"cpu ({os.cpu_count()} cores)"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"device": device, "torch": torch.__version__, "triton": triton_version, "commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+
+
+def stamp(rows: Iterable[Row], env: dict[str, str]) -> list[Row]:
+    return [dataclasses.replace(r, **{k: v for k, v in env.items() if not getattr(r, k) or k != "torch"})
+            for r in rows]
+
+
+def write_csv(rows: Iterable[Row], path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS)
+        for r in rows:
+            writer.writerow(["" if getattr(r, c) is None else getattr(r, c) for c in CSV_COLUMNS])
+    return path
+
+
+def format_table(rows: Iterable[Row]) -> str:
+    """A fixed-width table for the terminal."""
+    lines = [f"{'op':<14} {'provider':<14} {'mode':<8} {'dtype':<5} {'shape':<28} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8}"]
+    for r in rows:
+        if r.note:
+            lines.append(f"{r.op:<14} {r.provider:<14} {r.mode:<8} {r.dtype:<5} {r.shape:<28} {r.note}")
+            continue
+        tf = f"{r.tflops:8.2f}" if r.tflops is not None else f"{'':8}"
+        gb = f"{r.gbps:8.1f}" if r.gbps is not None else f"{'':8}"
+        lines.append(f"{r.op:<14} {r.provider:<14} {r.mode:<8} {r.dtype:<5} {r.shape:<28} {r.ms_median:9.4f} {tf} {gb}")
+    return "\n".join(lines)
