@@ -122,8 +122,7 @@ def environment() -> dict[str, str]:
 
 
 def stamp(rows: Iterable[Row], env: dict[str, str]) -> list[Row]:
-    return [dataclasses.replace(r, **{k: v for k, v in env.items() if not getattr(r, k) or k != "torch"})
-            for r in rows]
+    return [dataclasses.replace(r, **env) for r in rows]
 
 
 def write_csv(rows: Iterable[Row], path: str | os.PathLike) -> Path:
