@@ -59,7 +59,12 @@ def _masked_softmax_attention(q, k, v, keep, dropout_p, scale):
 def attention_reference(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None):
     """Torch reference of :func:`attention` (matmul, masked fp32 softmax, dropout, matmul)."""
     scale = _check_scale(softmax_scale, q.shape[-1])
-    keep = None if key_padding_mask is None else (key_padding_mask != 0)[:, None, None, :]
+    keep = None
+    if key_padding_mask is not None:
+        real = (key_padding_mask != 0)[:, :, None, None]
+        # Padded keys/values are read as zeros, so garbage (even NaN) there cannot leak into outputs.
+        k, v = k.masked_fill(~real, 0), v.masked_fill(~real, 0)
+        keep = real[:, :, 0, 0][:, None, None, :]
     out = _masked_softmax_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), keep, dropout_p, scale)
     return out.transpose(1, 2)
 
