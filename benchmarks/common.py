@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 import torch
 
 CSV_COLUMNS = ("op", "provider", "mode", "dtype", "shape", "ms_median", "ms_p20", "ms_p80", "tflops", "gbps",
-               "pct_of_peak", "peak_mem_mb", "device", "torch", "triton", "commit", "date")
+               "pct_of_peak", "peak_mem_mb", "device", "torch", "triton", "commit", "date", "tokens_per_s", "note")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -31,13 +31,14 @@ class Timing:
     p80: float
 
 
-def time_fn(fn: Callable[[], object], device: str, *, quick: bool = False) -> Timing:
-    """Milliseconds per call of ``fn`` (median, p20, p80)."""
+def time_fn(fn: Callable[[], object], device: str, *, quick: bool = False, rep_ms: float | None = None) -> Timing:
+    """Milliseconds per call of ``fn`` (median, p20, p80). ``rep_ms``: measuring time on CUDA (raise it
+    for calls of tens of milliseconds, so that the quantiles rest on enough samples)."""
     if device == "cuda":
         import triton.testing
 
-        ms = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
-                                     quantiles=[0.5, 0.2, 0.8])
+        rep = rep_ms if rep_ms is not None else (30 if quick else 100)
+        ms = triton.testing.do_bench(fn, warmup=max(10, rep // 4), rep=rep, quantiles=[0.5, 0.2, 0.8])
         return Timing(*ms)
     fn()  # warm-up
     samples = []
@@ -83,7 +84,8 @@ class Row:
     triton: str = ""
     commit: str = ""
     date: str = ""
-    note: str = ""  # e.g. "unsupported: ..." — printed, not a CSV column
+    tokens_per_s: float | None = None  # model-level rows: real (non-padding) tokens per second
+    note: str = ""  # e.g. "unsupported: ..." for a case a provider cannot run
 
     @classmethod
     def measured(cls, op: str, provider: str, mode: str, dtype: str, shape: str, timing: Timing, *,

@@ -1,4 +1,4 @@
-"""The `fastbert` command: `fastbert demo | ...` (argparse → dataclass configs → the job)."""
+"""The `fastbert` command: `fastbert demo | bench | ...` (argparse → configs → the job)."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,12 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from fastbert.benchmarks import runner
+
+    return runner.main(args=args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastbert", description="Fast BERT pre-training and fused BERT layers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -22,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto | cpu | cuda")
     demo.add_argument("--repeats", type=int, default=10, help="timed forward passes")
     demo.set_defaults(run=_demo)
+
+    from fastbert.benchmarks.runner import add_arguments  # argparse only: no torch work at import
+
+    bench = commands.add_parser("bench", help="run the benchmark suite (CSV + markdown + plot)")
+    add_arguments(bench)
+    bench.set_defaults(run=_bench)
     return parser
 
 

@@ -1,0 +1,164 @@
+"""Model level: one BertForPreTraining training step (forward with MLM+NSP labels, backward, AdamW).
+
+Providers: ``fastbert`` (auto backend: fused kernels, unpadded encoder on CUDA), ``fastbert_padded``
+(the same kernels, padded encoder), ``eager`` (our torch reference, padded), ``compile`` (torch.compile of the eager path), ``hf_eager`` / ``hf_sdpa``
+(transformers' BertForPreTraining with the same weights). Reported: ms per step, real tokens/s,
+model TFLOP/s and MFU (% of the measured GEMM ceiling), peak memory.
+
+Model FLOPs count useful work only (real tokens; the MLM decoder on masked tokens):
+6·tokens·(encoder params) + 12·layers·hidden·ΣLᵢ² (attention, fwd+bwd) + 6·masked·(hidden² + hidden·vocab).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .common import DTYPES, Row, format_table, peak_memory_mb, time_fn
+
+MASK_RATE = 0.15
+
+
+@dataclass(frozen=True)
+class Case:
+    preset: str
+    batch: int
+    seqlen: int
+    lengths: str  # "full" | "mix"
+    providers: tuple[str, ...]
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    if device != "cuda":
+        if quick:  # a smoke test of every provider but compile (whose compile time dwarfs the step)
+            return [Case("bert-tiny", 4, 32, "mix", ("fastbert", "eager", "hf_eager", "hf_sdpa"))]
+        providers = ("fastbert", "eager", "compile", "hf_eager", "hf_sdpa")
+        return [Case("bert-tiny", 8, 64, "full", providers), Case("bert-tiny", 8, 64, "mix", providers)]
+    all_providers = ("fastbert", "eager", "compile", "hf_eager", "hf_sdpa")
+    if quick:
+        return [Case("bert-base-uncased", 32, 128, "full", ("fastbert", "eager", "hf_sdpa"))]
+    return [
+        Case("bert-base-uncased", 64, 128, "full", all_providers),
+        Case("bert-base-uncased", 64, 128, "mix", ("fastbert", "eager", "hf_eager", "hf_sdpa")),
+        Case("bert-base-uncased", 16, 512, "full", ("fastbert", "eager", "hf_eager", "hf_sdpa")),
+        Case("bert-base-uncased", 16, 512, "mix", ("fastbert", "fastbert_padded", "eager", "hf_eager", "hf_sdpa")),
+        Case("bert-large-uncased", 32, 128, "full", ("fastbert", "eager", "hf_sdpa")),
+        Case("bert-large-uncased", 8, 512, "mix", ("fastbert", "eager", "hf_sdpa")),
+    ]
+
+
+def make_batch(config, case: Case, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random ids; "mix" lengths follow Beta(2, 2)·seqlen (about half the slots are padding, as in
+    BERT pre-training data at seq 512); 15% of real tokens carry MLM labels."""
+    g = torch.Generator().manual_seed(seed)
+    b, l = case.batch, case.seqlen
+    if case.lengths == "full":
+        lengths = torch.full((b,), l)
+    else:
+        beta_2_2 = torch.rand(b, 3, generator=g).median(dim=1).values  # the median of 3 uniforms is Beta(2, 2)
+        lengths = (beta_2_2 * l).long().clamp(8, l)
+    mask = torch.arange(l)[None, :] < lengths[:, None]
+    ids = torch.randint(1000, config.vocab_size, (b, l), generator=g) * mask
+    labels = torch.where((torch.rand(b, l, generator=g) < MASK_RATE) & mask, ids, torch.full_like(ids, -100))
+    token_types = ((torch.arange(l)[None, :] >= lengths[:, None] // 2) & mask).long()
+    nsp = torch.randint(0, 2, (b,), generator=g)
+    batch = dict(input_ids=ids, attention_mask=mask.long(), token_type_ids=token_types, labels=labels,
+                 next_sentence_label=nsp)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def model_flops(config, batch: dict[str, torch.Tensor]) -> float:
+    h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    lengths = batch["attention_mask"].sum(1).double()
+    tokens = lengths.sum().item()
+    per_layer = 4 * h * h + 2 * h * config.intermediate_size  # qkv + out proj + 2 MLP GEMMs (weights)
+    encoder = 6 * tokens * layers * per_layer
+    attention = 12 * layers * h * (lengths**2).sum().item()
+    masked = (batch["labels"] != -100).sum().item()
+    head = 6 * masked * (h * h + h * vocab)
+    return encoder + attention + head
+
+
+def build(provider: str, config, device: str):
+    """A model for ``provider`` plus the context its steps run under (backend choice)."""
+    import fastbert
+
+    torch.manual_seed(0)
+    ours = fastbert.BertForPreTraining(config).to(device).train()
+    if provider in ("fastbert", "fastbert_padded", "eager", "compile"):
+        fused = provider.startswith("fastbert")
+        ctx = (lambda: fastbert.backend.use("auto")) if fused else (lambda: fastbert.backend.use("torch"))
+        if provider == "fastbert_padded":
+            ours.bert.unpad = False
+        model = torch.compile(ours) if provider == "compile" else ours
+        return model, ctx, lambda out: out.loss
+    import transformers
+
+    hf_config = transformers.BertConfig(**{k: v for k, v in config.to_dict().items()
+                                           if k not in ("architectures", "id2label", "label2id")})
+    attn = "eager" if provider == "hf_eager" else "sdpa"
+    hf = transformers.BertForPreTraining._from_config(hf_config, attn_implementation=attn)
+    hf.load_state_dict(ours.state_dict())
+    return hf.to(device).train(), contextlib.nullcontext, lambda out: out.loss
+
+
+def _step_fn(model, ctx, loss_of, batch, device: str, amp_dtype):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
+    autocast = torch.autocast(device, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+
+    def step():
+        with ctx(), autocast:
+            loss = loss_of(model(**batch))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run(device: str, dtype: str, quick: bool) -> list[Row]:
+    import fastbert
+
+    amp_dtype = DTYPES[dtype] if dtype != "fp32" else None
+    rows = []
+    for case in cases(device, quick):
+        config = fastbert.BertConfig.from_pretrained(case.preset)
+        batch = make_batch(config, case, device)
+        flops = model_flops(config, batch)
+        tokens = int(batch["attention_mask"].sum())
+        shape = f"{case.preset} B={case.batch} L={case.seqlen} {case.lengths}"
+        for provider in case.providers:
+            if provider.startswith("hf_"):
+                try:
+                    import transformers  # noqa: F401
+                except ImportError:
+                    rows.append(Row.unsupported("model", provider, "step", dtype, shape, "transformers not installed"))
+                    continue
+            model, ctx, loss_of = build(provider, config, device)
+            step = _step_fn(model, ctx, loss_of, batch, device, amp_dtype)
+            step()  # first call: compilation / autotuning outside the timing
+            timing = time_fn(step, device, quick=quick, rep_ms=None if quick else 1500)
+            row = Row.measured("model", provider, "step", dtype, shape, timing, flops=flops)
+            row.tokens_per_s = tokens / (timing.median * 1e-3)
+            row.peak_mem_mb = peak_memory_mb(step, device)
+            rows.append(row)
+            del model, step
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    print(format_table(run(args.device, args.dtype, args.quick)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Turning rows into a report: % of the measured ceilings, markdown tables, speed-ups, goals, a plot."""
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .ceilings import Ceilings
+from .common import Row
+
+
+def with_percent_of_peak(rows: list[Row], peaks: Ceilings) -> list[Row]:
+    """Compute-bound rows (TFLOP/s) against the GEMM ceiling, memory-bound ones (GB/s) against copy."""
+    out = []
+    for r in rows:
+        if r.op == "ceiling" or r.note:
+            out.append(r)
+        elif r.tflops is not None and peaks.gemm_tflops:
+            out.append(dataclasses.replace(r, pct_of_peak=100 * r.tflops / peaks.gemm_tflops))
+        elif r.gbps is not None and peaks.copy_gbps:
+            out.append(dataclasses.replace(r, pct_of_peak=100 * r.gbps / peaks.copy_gbps))
+        else:
+            out.append(r)
+    return out
+
+
+def _measured(rows: list[Row]) -> list[Row]:
+    return [r for r in rows if not r.note and r.ms_median is not None and r.op != "ceiling"]
+
+
+def speedups(rows: list[Row]) -> list[tuple[str, str, str, str, float]]:
+    """(op, mode, shape, baseline provider, baseline ms / fastbert ms) for every case with both."""
+    by_case: dict[tuple, dict[str, Row]] = defaultdict(dict)
+    for r in _measured(rows):
+        by_case[(r.op, r.mode, r.dtype, r.shape)][r.provider] = r
+    result = []
+    for (op, mode, _dtype, shape), providers in by_case.items():
+        ours = providers.get("fastbert")
+        if ours is None:
+            continue
+        for name, base in providers.items():
+            if name != "fastbert":
+                result.append((op, mode, shape, name, base.ms_median / ours.ms_median))
+    return result
+
+
+# ---- goals (../shared/docs/GPU.md) ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Goal:
+    text: str
+    target: float
+    unit: str
+    measure: Callable[[list[Row], Ceilings], float | None]
+
+
+def _find(rows, op, provider, mode, *needles) -> list[Row]:
+    return [r for r in _measured(rows)
+            if r.op == op and r.provider == provider and r.mode == mode and all(n in r.shape for n in needles)]
+
+
+def _worst(rows, attr, op, mode, *needles):
+    values = [getattr(r, attr) for r in _find(rows, op, "fastbert", mode, *needles) if getattr(r, attr) is not None]
+    return min(values) if values else None
+
+
+def _ratio(rows, op, mode, baseline, *needles, ours="fastbert"):
+    mine = _find(rows, op, ours, mode, *needles)
+    base = _find(rows, op, baseline, mode, *needles)
+    pairs = [(m, b) for m in mine for b in base if m.shape == b.shape]
+    return min(b.ms_median / m.ms_median for m, b in pairs) if pairs else None
+
+
+def _mfu(rows, peaks, *needles):
+    r = _find(rows, "model", "fastbert", "step", *needles)
+    return 100 * r[0].tflops / peaks.gemm_tflops if r and r[0].tflops is not None and peaks.gemm_tflops else None
+
+
+GOALS = (
+    Goal("attention fwd, hd64, seq512, padding mask", 350, "TFLOP/s",
+         lambda rows, p: _worst(rows, "tflops", "attention", "fwd", "L=512", "D=64", "padded")),
+    Goal("attention bwd, hd64, seq512, padding mask", 270, "TFLOP/s",
+         lambda rows, p: _worst(rows, "tflops", "attention", "bwd", "L=512", "D=64", "padded")),
+    Goal("attention fwd vs best SDPA backend (same case)", 1.0, "x",
+         lambda rows, p: _best_sdpa_ratio(rows)),
+    Goal("residual+dropout+LayerNorm fwd, N=768/1024", 3600, "GB/s",
+         lambda rows, p: _worst(rows, "gbps", "layer_norm", "fwd")),
+    Goal("residual+dropout+LayerNorm bwd, N=768/1024", 3000, "GB/s",
+         lambda rows, p: _worst(rows, "gbps", "layer_norm", "bwd")),
+    Goal("bias+GELU fwd", 3600, "GB/s", lambda rows, p: _worst(rows, "gbps", "bias_gelu", "fwd")),
+    Goal("bias+GELU bwd", 3600, "GB/s", lambda rows, p: _worst(rows, "gbps", "bias_gelu", "bwd")),
+    Goal("BERT-base pre-training step, seq128: MFU", 55, "%",
+         lambda rows, p: _mfu(rows, p, "bert-base-uncased", "L=128 full")),
+    Goal("BERT-base seq128 step vs HF eager", 3.0, "x",
+         lambda rows, p: _ratio(rows, "model", "step", "hf_eager", "bert-base-uncased", "L=128 full")),
+    Goal("BERT-base seq128 step vs HF SDPA", 2.0, "x",
+         lambda rows, p: _ratio(rows, "model", "step", "hf_sdpa", "bert-base-uncased", "L=128 full")),
+    Goal("seq512 real length mix: unpadded vs padded (fastbert)", 1.9, "x",
+         lambda rows, p: _ratio(rows, "model", "step", "fastbert_padded", "bert-base-uncased", "L=512 mix")),
+    Goal("MLM masking vs HF DataCollatorForLanguageModeling", 30, "x",
+         lambda rows, p: _ratio(rows, "masking", "collate", "hf_collator")),
+    Goal("patched HF BERT-base seq512 mix vs HF SDPA", 2.0, "x",
+         lambda rows, p: _ratio(rows, "patched_hf", "step", "hf_sdpa", "L=512", "mix", ours="patched")),
+)
+
+
+def _best_sdpa_ratio(rows):
+    ours = _find(rows, "attention", "fastbert", "fwd", "L=512", "D=64", "padded")
+    best = None
+    for m in ours:
+        sdpa = [r for r in _measured(rows) if r.op == "attention" and r.mode == "fwd" and r.shape == m.shape
+                and r.provider.startswith("sdpa")]
+        if sdpa:
+            ratio = min(r.ms_median for r in sdpa) / m.ms_median
+            best = ratio if best is None else min(best, ratio)
+    return best
+
+
+def goals_table(rows: list[Row], peaks: Ceilings) -> str:
+    lines = ["## Goals", "", "| goal | target | measured | status |", "|---|---|---|---|"]
+    for goal in GOALS:
+        value = goal.measure(rows, peaks)
+        if value is None:
+            lines.append(f"| {goal.text} | ≥ {goal.target:g} {goal.unit} | — | not measured in this run |")
+            continue
+        status = "met" if value >= goal.target else f"gap {goal.target - value:.3g} {goal.unit}"
+        lines.append(f"| {goal.text} | ≥ {goal.target:g} {goal.unit} | {value:.3g} {goal.unit} | {status} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value, spec):
+    return "" if value is None else format(value, spec)
+
+
+def markdown(rows: list[Row], peaks: Ceilings, env: dict[str, str], dtype: str, quick: bool) -> str:
+    out = [f"# fastbert benchmarks — {env['device']}", "",
+           f"date {env['date']} · commit `{env['commit'] or '-'}` · torch {env['torch']} · triton "
+           f"{env['triton'] or '-'} · dtype {dtype}{' · quick mode (tiny shapes)' if quick else ''}", "",
+           f"Ceilings measured in this run: {peaks.gemm_dtype} GEMM **{peaks.gemm_tflops:.1f} TFLOP/s**, "
+           f"device copy **{peaks.copy_gbps:.0f} GB/s** (read + write). Times are medians (p20–p80).", ""]
+    subjects = list(dict.fromkeys(r.op for r in rows if r.op != "ceiling"))
+    for subject in subjects:
+        out += [f"## {subject}", "",
+                "| provider | mode | shape | ms (p20–p80) | TFLOP/s | GB/s | % of peak | tokens/s | peak MB |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in rows if r.op == subject):
+            if r.note:
+                out.append(f"| {r.provider} | {r.mode} | {r.shape} | {r.note} | | | | | |")
+                continue
+            out.append(f"| {r.provider} | {r.mode} | {r.shape} | {r.ms_median:.4g} ({r.ms_p20:.4g}–{r.ms_p80:.4g}) | "
+                       f"{_fmt(r.tflops, '.1f')} | {_fmt(r.gbps, '.0f')} | {_fmt(r.pct_of_peak, '.1f')} | "
+                       f"{_fmt(r.tokens_per_s, ',.0f')} | {_fmt(r.peak_mem_mb, '.0f')} |")
+        out.append("")
+    ups = speedups(rows)
+    if ups:
+        out += ["## Speed-ups of fastbert (baseline ms / fastbert ms, same inputs, same run)", "",
+                "| subject | mode | shape | vs | speed-up |", "|---|---|---|---|---|"]
+        out += [f"| {op} | {mode} | {shape} | {base} | {ratio:.2f}× |" for op, mode, shape, base, ratio in ups]
+        out.append("")
+    out.append(goals_table(rows, peaks))
+    return "\n".join(out)
+
+
+def plot(rows: list[Row], path: Path) -> Path | None:
+    """One panel per subject: throughput per provider and case (TFLOP/s, GB/s or tokens/s)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    measured = _measured(rows)
+    subjects = list(dict.fromkeys(r.op for r in measured))
+    if not subjects:
+        return None
+    fig, axes = plt.subplots(len(subjects), 1, figsize=(11, 3.2 * len(subjects)), squeeze=False)
+    for ax, subject in zip(axes[:, 0], subjects):
+        subject_rows = [r for r in measured if r.op == subject]
+        metric, unit = next(((m, u) for m, u in (("tflops", "TFLOP/s"), ("gbps", "GB/s"), ("tokens_per_s", "tokens/s"))
+                             if all(getattr(r, m) is not None for r in subject_rows)), ("ms_median", "ms (lower is better)"))
+        cases = list(dict.fromkeys(f"{r.mode} {r.shape}" for r in subject_rows))
+        providers = list(dict.fromkeys(r.provider for r in subject_rows))
+        width = 0.8 / len(providers)
+        for i, provider in enumerate(providers):
+            values = {f"{r.mode} {r.shape}": getattr(r, metric) for r in subject_rows if r.provider == provider}
+            xs = [c + i * width for c in range(len(cases))]
+            ax.bar(xs, [values.get(c, 0) for c in cases], width, label=provider)
+        ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
+        ax.set_xticklabels(cases, rotation=20, ha="right", fontsize=7)
+        ax.set_ylabel(unit)
+        ax.set_title(subject)
+        ax.legend(fontsize=7, ncol=min(len(providers), 6))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
