@@ -5,8 +5,8 @@ Providers: ``fastbert`` (auto backend: fused kernels, unpadded encoder on CUDA),
 (transformers' BertForPreTraining with the same weights). Reported: ms per step, real tokens/s,
 model TFLOP/s and MFU (% of the measured GEMM ceiling), peak memory.
 
-Model FLOPs count useful work only (real tokens; the MLM decoder on masked tokens):
-6·tokens·(encoder params) + 12·layers·hidden·ΣLᵢ² (attention, fwd+bwd) + 6·masked·(hidden² + hidden·vocab).
+Model FLOPs count useful work only (real tokens; the MLM decoder on masked tokens): see
+fastbert/pretrain/flops.py.
 """
 from __future__ import annotations
 
@@ -70,15 +70,9 @@ def make_batch(config, case: Case, device: str, seed: int = 0) -> dict[str, torc
 
 
 def model_flops(config, batch: dict[str, torch.Tensor]) -> float:
-    h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    lengths = batch["attention_mask"].sum(1).double()
-    tokens = lengths.sum().item()
-    per_layer = 4 * h * h + 2 * h * config.intermediate_size  # qkv + out proj + 2 MLP GEMMs (weights)
-    encoder = 6 * tokens * layers * per_layer
-    attention = 12 * layers * h * (lengths**2).sum().item()
-    masked = (batch["labels"] != -100).sum().item()
-    head = 6 * masked * (h * h + h * vocab)
-    return encoder + attention + head
+    from fastbert.pretrain.flops import training_flops
+
+    return training_flops(config, batch["attention_mask"], int((batch["labels"] != -100).sum()))
 
 
 def build(provider: str, config, device: str):

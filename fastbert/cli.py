@@ -18,6 +18,54 @@ def _bench(args: argparse.Namespace) -> int:
     return runner.main(args=args)
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from fastbert.pretrain.trainer import PretrainConfig, pretrain
+
+    fields = {f for f in PretrainConfig.__dataclass_fields__}
+    config = PretrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    result = pretrain(config)
+    return 130 if result.interrupted else 0
+
+
+def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastbert.pretrain.trainer import PretrainConfig
+
+    d = PretrainConfig()
+    a = parser.add_argument
+    a("--model", default=d.model, help="preset name (bert-tiny, bert-base-uncased, ...) or a checkpoint dir")
+    a("--corpus", nargs="+", default=None, help="text/.jsonl files or dirs, a datasets dir, or 'builtin' (default)")
+    a("--data", default=None, help="a data dir made by `fastbert prepare` (instead of --corpus)")
+    a("--out", default=d.out, help="output dir: data/, checkpoints/, metrics.jsonl, final/")
+    a("--max-steps", type=int, default=d.max_steps)
+    a("--batch-size", type=int, default=d.batch_size, help="sequences per device per micro-step")
+    a("--grad-accum", type=int, default=d.grad_accum)
+    a("--seq-len", type=int, default=d.seq_len)
+    a("--lr", type=float, default=None, help="peak learning rate (default 2e-3 LAMB, 5e-4 AdamW)")
+    a("--warmup", type=float, default=d.warmup, help="< 1: fraction of max steps; >= 1: steps")
+    a("--schedule", choices=("linear", "poly"), default=d.schedule)
+    a("--optimizer", choices=("lamb", "adamw"), default=d.optimizer)
+    a("--weight-decay", type=float, default=d.weight_decay)
+    a("--clip", type=float, default=d.clip, help="global gradient-norm clip (0: off)")
+    a("--precision", choices=("auto", "bf16", "fp16", "fp32"), default=d.precision,
+      help="auto: bf16 on GPU (fp16 + GradScaler where bf16 is missing), fp32 on CPU")
+    a("--seed", type=int, default=d.seed)
+    a("--log-every", type=int, default=d.log_every)
+    a("--save-every", type=int, default=d.save_every)
+    a("--keep", type=int, default=d.keep, help="checkpoints to keep")
+    a("--eval-every", type=int, default=d.eval_every)
+    a("--eval-batches", type=int, default=d.eval_batches)
+    a("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    a("--whole-word-mask", action="store_true")
+    a("--packing", action="store_true", help="pack several pairs per row (needs the unpadded encoder)")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--backend", choices=("auto", "triton", "torch"), default=d.backend)
+    a("--device", choices=("auto", "cuda", "cpu"), default=d.device)
+    a("--num-workers", type=int, default=d.num_workers, help="DataLoader worker processes")
+    a("--vocab-size", type=int, default=d.vocab_size, help="WordPiece size when a vocabulary is trained")
+    a("--tokenizer", default=None, help="vocab.txt or tokenizer.json to use instead of training one")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastbert", description="Fast BERT pre-training and fused BERT layers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -28,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto | cpu | cuda")
     demo.add_argument("--repeats", type=int, default=10, help="timed forward passes")
     demo.set_defaults(run=_demo)
+
+    pretrain = commands.add_parser("pretrain", help="pre-train BERT (MLM + NSP); no arguments: bert-tiny on the "
+                                                    "built-in corpus on this machine for a few minutes")
+    _add_pretrain_arguments(pretrain)
+    pretrain.set_defaults(run=_pretrain)
 
     from fastbert.benchmarks.runner import add_arguments  # argparse only: no torch work at import
 

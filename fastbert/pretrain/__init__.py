@@ -1,0 +1,1 @@
+"""Pre-training: the training loop, LAMB/AdamW, schedules, checkpoints, DDP."""
