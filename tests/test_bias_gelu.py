@@ -178,3 +178,15 @@ def test_compiles_with_torch_compile(monkeypatch):
     assert calls, "the compiled function did not run the Triton kernel"
     assert torch.allclose(loss, F.gelu(2 * x + bias).sum(), rtol=1e-5, atol=1e-5)
     assert torch.allclose(bias.grad, torch.autograd.grad(F.gelu(2 * x + bias).sum(), bias)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_no_grad_call_gives_the_autograd_result():
+    """Without autograd the op launches the forward kernel directly (no Function node): same numbers."""
+    x = torch.randn(13, 72, dtype=torch.float16).requires_grad_()
+    bias = torch.randn(72, dtype=torch.float16)
+    with backend.use("triton"):
+        y = ops.bias_gelu(x, bias)
+        with torch.no_grad():
+            y_inference = ops.bias_gelu(x, bias)
+    assert y.grad_fn is not None and y_inference.grad_fn is None
+    assert torch.equal(y.detach(), y_inference)

@@ -345,3 +345,14 @@ def test_compiles_with_torch_compile(monkeypatch):
     torch.testing.assert_close(loss, expected)
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g, e)
+
+
+def test_no_grad_call_gives_the_autograd_result():
+    """Without autograd the op launches the forward kernel directly (no Function node): same numbers."""
+    x, r, w, b = _inputs((13, 72), torch.float16)
+    with backend.use("triton"):
+        y = ops.dropout_add_layer_norm(x, r, w, b)
+        with torch.no_grad():
+            y_inference = ops.dropout_add_layer_norm(x, r, w, b)
+    assert y.grad_fn is not None and y_inference.grad_fn is None
+    assert torch.equal(y.detach(), y_inference)

@@ -1,9 +1,10 @@
 """``gelu(x + bias)`` with the exact erf GELU (HF "gelu"), and its torch reference.
 
 Three layers, as flash-attention: custom ops ``fastbert::bias_gelu_fwd`` / ``_bwd`` (the Triton
-launchers, opaque to ``torch.compile`` through their fake implementations) → an autograd Function that
-saves x and bias (the backward recomputes x + bias) → the public function, which checks the input and
-picks the Triton path or the torch reference (:mod:`fastbert.backend`).
+launchers, opaque to ``torch.compile`` through their fake implementations; eager calls skip the
+custom-op dispatch) → an autograd Function that saves x and bias (the backward recomputes x + bias) →
+the public function, which checks the input and picks the Triton path or the torch reference
+(:mod:`fastbert.backend`).
 """
 from __future__ import annotations
 
@@ -42,12 +43,27 @@ def _bwd_fake(grad_out, x, bias, grad_x, grad_bias):
     return None
 
 
+def _forward(x, bias):
+    """The forward kernel: through the custom op while torch.compile traces, straight to the launcher in
+    eager mode, where a custom op's Python dispatch would cost about as much as the kernel at BERT sizes."""
+    if torch.compiler.is_compiling():
+        return _fwd_op(x, bias)
+    return kernel_module("bias_gelu").bias_gelu_fwd(x, bias)
+
+
+def _backward(grad_out, x, bias, grad_x, grad_bias):
+    """The backward kernel, dispatched as :func:`_forward`."""
+    if torch.compiler.is_compiling():
+        return _bwd_op(grad_out, x, bias, grad_x, grad_bias)
+    return kernel_module("bias_gelu").bias_gelu_bwd(grad_out, x, bias, grad_x, grad_bias)
+
+
 class _BiasGelu(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, bias):
         ctx.save_for_backward(x, bias)
-        return _fwd_op(x, bias)
+        return _forward(x, bias)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
@@ -55,7 +71,7 @@ class _BiasGelu(torch.autograd.Function):
         x, bias = ctx.saved_tensors
         grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         grad_bias = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device)
-        _bwd_op(grad_out, x, bias, grad_x, grad_bias)
+        _backward(grad_out, x, bias, grad_x, grad_bias)
         return grad_x, grad_bias
 
 
@@ -78,5 +94,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         if t.dtype not in _KERNEL_DTYPES:
             why_not = f"{name} is {t.dtype}; the kernel takes float16, bfloat16 and float32"
     if backend.use_triton("bias_gelu", x, supported=not why_not, unsupported_reason=why_not):
-        return _BiasGelu.apply(x, bias)
+        if torch.is_grad_enabled() and (x.requires_grad or bias.requires_grad):
+            return _BiasGelu.apply(x, bias)
+        return _forward(x, bias)  # inference: no autograd node, no saved tensors
     return bias_gelu_reference(x, bias).to(x.dtype)

@@ -1,9 +1,10 @@
 """``LayerNorm(dropout(x) + residual)``: BERT's post-LN sublayer output, and its torch reference.
 
 Three layers, as flash-attention: custom ops ``fastbert::dropout_add_layer_norm_fwd`` / ``_bwd`` (the
-Triton launchers, opaque to ``torch.compile`` through their fake implementations) → an autograd
-Function that saves only x, residual and the per-row mean/rstd → the public function, which checks
-the input and picks the Triton path or the torch reference (:mod:`fastbert.backend`).
+Triton launchers, opaque to ``torch.compile`` through their fake implementations; eager calls skip the
+custom-op dispatch) → an autograd Function that saves only x, residual and the per-row mean/rstd → the
+public function, which checks the input and picks the Triton path or the torch reference
+(:mod:`fastbert.backend`).
 """
 from __future__ import annotations
 
@@ -60,11 +61,26 @@ def _bwd_fake(grad_out, x, residual, weight, mean, rstd, dropout_p, seed, grad_x
     return None
 
 
+def _forward(x, residual, weight, bias, eps, dropout_p, seed, out_dtype):
+    """The forward kernel: through the custom op while torch.compile traces, straight to the launcher in
+    eager mode, where a custom op's Python dispatch would cost about as much as the kernel at BERT sizes."""
+    if torch.compiler.is_compiling():
+        return _fwd_op(x, residual, weight, bias, eps, dropout_p, seed, out_dtype)
+    return kernel_module("layer_norm").layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, seed, out_dtype)
+
+
+def _backward(*args):
+    """The backward kernel, dispatched as :func:`_forward`."""
+    if torch.compiler.is_compiling():
+        return _bwd_op(*args)
+    return kernel_module("layer_norm").layer_norm_bwd(*args)
+
+
 class _DropoutAddLayerNorm(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, residual, weight, bias, eps, dropout_p, seed, out_dtype):
-        y, mean, rstd = _fwd_op(x, residual, weight, bias, eps, dropout_p, seed, out_dtype)
+        y, mean, rstd = _forward(x, residual, weight, bias, eps, dropout_p, seed, out_dtype)
         ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
         ctx.dropout_p = dropout_p
         ctx.seed = seed
@@ -81,8 +97,8 @@ class _DropoutAddLayerNorm(torch.autograd.Function):
         grad_residual = torch.empty(residual.shape, dtype=residual.dtype, device=x.device) if separate else None
         grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         grad_bias = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device) if bias is not None else None
-        _bwd_op(grad_out, x, residual, weight, mean, rstd, ctx.dropout_p, ctx.seed, grad_x, grad_residual,
-                grad_weight, grad_bias)
+        _backward(grad_out, x, residual, weight, mean, rstd, ctx.dropout_p, ctx.seed, grad_x, grad_residual,
+                  grad_weight, grad_bias)
         if residual is not None and not separate:
             grad_residual = grad_x
         return grad_x, grad_residual, grad_weight, grad_bias, None, None, None, None
@@ -142,5 +158,8 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weigh
     why_not = _kernel_limits(x, residual, weight, bias)
     if backend.use_triton("dropout_add_layer_norm", x, supported=not why_not, unsupported_reason=why_not):
         seed = philox_seed() if dropout_p > 0.0 else 0
-        return _DropoutAddLayerNorm.apply(x, residual, weight, bias, float(eps), dropout_p, seed, out_dtype)
+        args = (x, residual, weight, bias, float(eps), dropout_p, seed, out_dtype)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
+            return _DropoutAddLayerNorm.apply(*args)
+        return _forward(*args)[0]  # inference: no autograd node, no saved tensors
     return dropout_add_layer_norm_reference(x, residual, weight, bias, eps, dropout_p).to(out_dtype)
