@@ -2,7 +2,7 @@
 
 Forward: y = h * Phi(h), h = x + bias, Phi the standard normal CDF. Backward recomputes h from x and
 bias: dx = dy * (Phi(h) + h * phi(h)), and dbias = sum of dx over rows, reduced in two deterministic
-stages (fp32 partial sums per row-program, then :func:`fastbert.kernels.column_sum.column_sum_into`).
+stages (fp32 partial sums per row-program, then :func:`fastbert.kernels.column_sum.column_sums_into`).
 Element-wise and memory-bound, so the tiles are fixed by a heuristic rather than autotuned.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ._launch import as_rows, persistent_programs, warps_for
-from .column_sum import column_sum_into
+from .column_sum import column_sums_into
 
 _SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
 _INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
@@ -122,11 +122,11 @@ def bias_gelu_bwd(grad_out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, g
     col_blocks = triton.cdiv(n, block_n)
     total_programs = persistent_programs(x.device, _BWD_PROGRAMS_PER_SM)
     row_programs = max(1, min(triton.cdiv(max(m, 1), block_m), total_programs // col_blocks))
-    partial_db = torch.empty((row_programs, n), dtype=torch.float32, device=x.device)
+    partial_db = torch.empty((1, row_programs, n), dtype=torch.float32, device=x.device)
     if m > 0:
         _bwd_kernel[(row_programs, col_blocks)](
-            dy_rows, x_rows, bias.contiguous(), grad_x, partial_db, dy_rows.stride(0), x_rows.stride(0), m, n,
+            dy_rows, x_rows, bias.contiguous(), grad_x, partial_db[0], dy_rows.stride(0), x_rows.stride(0), m, n,
             triton.cdiv(m, row_programs), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     else:
         partial_db.zero_()
-    column_sum_into(partial_db, grad_bias)
+    column_sums_into(partial_db, [grad_bias])

@@ -6,7 +6,7 @@ saved per-row mean/rstd, so nothing of size (rows, N) is stored beyond the input
 
 Every kernel holds a whole row in registers (N <= MAX_HIDDEN), computes in fp32 whatever the storage
 dtypes, and reduces dW/dB in two deterministic stages (fp32 partial sums per program, then
-:func:`fastbert.kernels.column_sum.column_sum_into`).
+:func:`fastbert.kernels.column_sum.column_sums_into`).
 """
 from __future__ import annotations
 
@@ -15,27 +15,35 @@ import triton
 import triton.language as tl
 
 from ._launch import as_rows, block_size, persistent_programs, warps_for
-from .column_sum import column_sum_into
+from .column_sum import column_sums_into
 from .dropout import keep_mask
 
 MAX_HIDDEN = 16384  # a whole row lives in registers; fastbert.ops.layer_norm checks the same limit
 
 # Backward programs per SM: each loops over a contiguous range of rows, accumulating dW/dB partials.
-_BWD_PROGRAMS_PER_SM = 8
+# More programs hide latency better but write more partial rows ((programs, N) fp32 per gradient).
+_BWD_PROGRAMS_PER_SM = 4
 
 
 def _tuning_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (1, 2, 4, 8) for w in (2, 4, 8, 16)]
+    return [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (1, 2, 4, 8) for w in (4, 8, 16)]
 
 
-def _prune_for_row_size(configs, named_args, **kwargs):
-    """Keep launch shapes with 4 to 32 elements per thread: fewer wastes threads, more spills registers."""
-    block_n = kwargs["BLOCK_N"]
-    kept = [c for c in configs if 4 <= c.kwargs["BLOCK_M"] * block_n // (32 * c.num_warps) <= 32]
-    if kept:
-        return kept
-    # Rows past 16K elements: one row per program, the most warps.
-    return [triton.Config({"BLOCK_M": 1}, num_warps=16)]
+def _pruner(max_per_thread: int):
+    """Keep launch shapes with 8 (one 16-byte bf16 load) to ``max_per_thread`` tile elements per thread:
+    fewer leaves threads idle, more spills registers. The backward holds about twice the live values
+    of the forward, so it gets the lower cap."""
+
+    def prune(configs, named_args, **kwargs):
+        block_n = kwargs["BLOCK_N"]
+        kept = [c for c in configs if 8 <= c.kwargs["BLOCK_M"] * block_n // (32 * c.num_warps) <= max_per_thread]
+        if kept:
+            return kept
+        # Very short rows: many rows per program; very long ones: one row, the most warps.
+        return [triton.Config({"BLOCK_M": 8}, num_warps=4) if block_n < 1024 else
+                triton.Config({"BLOCK_M": 1}, num_warps=16)]
+
+    return prune
 
 
 _TUNING_KEY = ["N", "BLOCK_N", "HAS_RESIDUAL", "HAS_BIAS", "HAS_DROPOUT"]
@@ -174,9 +182,9 @@ def _bwd_kernel(
 
 
 _fwd_tuned = triton.autotune(_tuning_configs(), key=_TUNING_KEY,
-                             prune_configs_by={"early_config_prune": _prune_for_row_size})(_fwd_kernel)
+                             prune_configs_by={"early_config_prune": _pruner(max_per_thread=32)})(_fwd_kernel)
 _bwd_tuned = triton.autotune(_tuning_configs(), key=_TUNING_KEY + ["STORE_DR"],
-                             prune_configs_by={"early_config_prune": _prune_for_row_size})(_bwd_kernel)
+                             prune_configs_by={"early_config_prune": _pruner(max_per_thread=16)})(_bwd_kernel)
 
 
 def _check_hidden(n: int) -> None:
@@ -241,14 +249,13 @@ def layer_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, residual: torch.Tens
     r_rows = as_rows(residual, n) if residual is not None else x_rows
     dy_rows = as_rows(grad_out, n)
     programs = max(1, min(m, persistent_programs(x.device, _BWD_PROGRAMS_PER_SM)))
-    partial_dw = torch.empty((programs, n), dtype=torch.float32, device=x.device)
-    partial_db = torch.empty((programs, n), dtype=torch.float32, device=x.device) if grad_bias is not None \
-        else partial_dw
+    sums = [grad_weight] if grad_bias is None else [grad_weight, grad_bias]
+    partial = torch.empty((len(sums), programs, n), dtype=torch.float32, device=x.device)
     if m > 0:
         p, scale = _dropout_args(dropout_p)
         block_n = block_size(n)
         args = (dy_rows, x_rows, r_rows, weight.contiguous(), mean, rstd, grad_x,
-                grad_residual if grad_residual is not None else grad_x, partial_dw, partial_db,
+                grad_residual if grad_residual is not None else grad_x, partial[0], partial[-1],
                 dy_rows.stride(0), x_rows.stride(0), r_rows.stride(0), m, n, triton.cdiv(m, programs), p, scale, seed)
         flags = dict(HAS_RESIDUAL=residual is not None, HAS_BIAS=grad_bias is not None,
                      HAS_DROPOUT=dropout_p > 0.0, STORE_DR=grad_residual is not None, BLOCK_N=block_n)
@@ -258,8 +265,5 @@ def layer_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, residual: torch.Tens
             block_m = _interpreter_rows_per_program(block_n)
             _bwd_kernel[(programs,)](*args, **flags, BLOCK_M=block_m, num_warps=warps_for(block_m * block_n))
     else:
-        partial_dw.zero_()
-        partial_db.zero_()
-    column_sum_into(partial_dw, grad_weight)
-    if grad_bias is not None:
-        column_sum_into(partial_db, grad_bias)
+        partial.zero_()
+    column_sums_into(partial, sums)

@@ -15,6 +15,18 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(37, 96), (5, 1000), (3, 7, 768), (130, 300)]
 
 
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Every float buffer from torch.empty starts as NaN: an element a kernel fails to write shows up."""
+    real_empty = torch.empty
+
+    def empty_nan(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
+
+    monkeypatch.setattr(torch, "empty", empty_nan)
+
+
 def assert_error_within(name, got, same_precision, ref64, factor=3.0):
     """|got - ref| <= factor * |same_precision - ref| + one ulp at the output's scale (max norm)."""
     ref = ref64.double()
@@ -44,19 +56,19 @@ def _check_against_reference(x, bias):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_float64_reference(shape, dtype):
+def test_matches_float64_reference(poison_empty, shape, dtype):
     # Spread of 3: the interesting part of GELU (the knee, the negative tail) and its saturation.
     x = (3 * torch.randn(shape)).to(dtype).requires_grad_()
     bias = torch.randn(shape[-1], dtype=dtype).requires_grad_()
     _check_against_reference(x, bias)
 
 
-def test_hidden_size_8192():
+def test_hidden_size_8192(poison_empty):
     _check_against_reference(torch.randn(3, 8192).requires_grad_(), torch.randn(8192).requires_grad_())
 
 
 @pytest.mark.parametrize("layout", ["column_strided", "transposed", "row_strided"])
-def test_non_contiguous_input(layout):
+def test_non_contiguous_input(poison_empty, layout):
     n = 96
     if layout == "column_strided":
         x = torch.randn(21, 2 * n)[:, ::2]
@@ -190,3 +202,14 @@ def test_no_grad_call_gives_the_autograd_result():
             y_inference = ops.bias_gelu(x, bias)
     assert y.grad_fn is not None and y_inference.grad_fn is None
     assert torch.equal(y.detach(), y_inference)
+
+
+def test_empty_batch(poison_empty):
+    """No rows: an empty output and a zero bias gradient (nothing to sum), no kernel error."""
+    x = torch.randn(0, 40).requires_grad_()
+    bias = torch.randn(40).requires_grad_()
+    with backend.use("triton"):
+        y = ops.bias_gelu(x, bias)
+    gx, gb = torch.autograd.grad(y, (x, bias), torch.ones_like(y))
+    assert y.shape == gx.shape == (0, 40)
+    assert torch.equal(gb, torch.zeros(40))

@@ -16,6 +16,18 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(37, 96), (5, 1000), (3, 7, 768)]
 
 
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Every float buffer from torch.empty starts as NaN: an element a kernel fails to write shows up."""
+    real_empty = torch.empty
+
+    def empty_nan(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
+
+    monkeypatch.setattr(torch, "empty", empty_nan)
+
+
 def _ln64(x, residual, weight, bias, eps, keep=None, scale=1.0):
     """Float64 ``LayerNorm(x * keep * scale + residual)``: the reference every result is measured against."""
     h = x.double()
@@ -82,21 +94,21 @@ def _check_against_reference(x, r, w, b, eps=1e-12, dropout_p=0.0, keep=None):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_float64_reference(shape, dtype):
+def test_matches_float64_reference(poison_empty, shape, dtype):
     _check_against_reference(*_inputs(shape, dtype))
 
 
 @pytest.mark.parametrize("residual,bias", [(False, True), (True, False), (False, False)])
-def test_optional_residual_and_bias(residual, bias):
+def test_optional_residual_and_bias(poison_empty, residual, bias):
     _check_against_reference(*_inputs((29, 200), torch.float32, residual=residual, bias=bias))
 
 
-def test_hidden_size_8192():
+def test_hidden_size_8192(poison_empty):
     _check_against_reference(*_inputs((3, 8192), torch.float32))
 
 
 @pytest.mark.parametrize("layout", ["column_strided", "transposed", "row_strided", "expanded_residual"])
-def test_non_contiguous_inputs(layout):
+def test_non_contiguous_inputs(poison_empty, layout):
     n = 96
     if layout == "column_strided":
         x = torch.randn(21, 2 * n)[:, ::2]
@@ -165,7 +177,7 @@ def _dropout_run(x, r, w, b, p, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_dropout_matches_reference_with_the_kernels_mask(dtype):
+def test_dropout_matches_reference_with_the_kernels_mask(poison_empty, dtype):
     """Recover the mask from a run's gradients (grad_x = grad_residual * keep / (1-p)), then check the
     output and all gradients of that run against float64 with that mask."""
     p = 0.3
@@ -356,3 +368,14 @@ def test_no_grad_call_gives_the_autograd_result():
             y_inference = ops.dropout_add_layer_norm(x, r, w, b)
     assert y.grad_fn is not None and y_inference.grad_fn is None
     assert torch.equal(y.detach(), y_inference)
+
+
+def test_empty_batch(poison_empty):
+    """No rows: an empty output, and zero weight/bias gradients (nothing to sum), no kernel error."""
+    x, r, w, b = _inputs((0, 3, 40), torch.float32)
+    with backend.use("triton"):
+        y = ops.dropout_add_layer_norm(x, r, w, b, 1e-12, 0.1)
+    assert y.shape == (0, 3, 40)
+    gx, gr, gw, gb = torch.autograd.grad(y, (x, r, w, b), torch.ones_like(y))
+    assert gx.shape == gr.shape == (0, 3, 40)
+    assert torch.equal(gw, torch.zeros(40)) and torch.equal(gb, torch.zeros(40))
