@@ -251,6 +251,21 @@ def test_triton_path_runs_the_kernels(monkeypatch):
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("hidden", [1, 16, 96, 768, 1000, 1024, 4096, 8192, 16384])
+def test_gpu_autotune_keeps_a_config_for_every_supported_hidden_size(hidden):
+    """The GPU launch configs (not runnable under the interpreter) never prune down to nothing, and stay
+    within the register budget per thread for the forward (32) and backward (16) tiles."""
+    import fastbert.kernels.layer_norm as kernels
+    from fastbert.kernels._launch import block_size
+
+    block_n = block_size(hidden)
+    for cap in (32, 16):
+        kept = kernels._pruner(cap)(kernels._tuning_configs(), {}, BLOCK_N=block_n)
+        assert kept
+        per_thread = [c.kwargs["BLOCK_M"] * block_n // (32 * c.num_warps) for c in kept]
+        assert max(per_thread) <= max(cap, block_n // (32 * 16)), per_thread
+
+
 def test_kernel_limit_matches_the_ops_check():
     import fastbert.kernels.layer_norm as kernels
     from fastbert.ops import layer_norm as op
@@ -331,7 +346,8 @@ def test_import_does_not_load_triton():
 
     code = ("import sys, fastbert, torch; fastbert.ops.dropout_add_layer_norm(torch.randn(2, 8), None, "
             "torch.ones(8), None); assert 'triton' not in sys.modules, 'triton imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, env={"FASTBERT_BACKEND": "torch", "PATH": ""})
+    # The default backend (auto) on a CPU tensor: the torch reference, and no triton import.
+    subprocess.run([sys.executable, "-c", code], check=True, env={"PATH": ""})
     assert fastbert.__version__
 
 
