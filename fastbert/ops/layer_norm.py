@@ -1,11 +1,26 @@
-"""``LayerNorm(dropout(x) + residual)``: BERT's post-LN sublayer output, and its torch reference."""
+"""``LayerNorm(dropout(x) + residual)``: BERT's post-LN sublayer output, and its torch reference.
+
+Three layers, as flash-attention: custom ops ``fastbert::dropout_add_layer_norm_fwd`` / ``_bwd`` (the
+Triton launchers, opaque to ``torch.compile`` through their fake implementations; eager calls skip the
+custom-op dispatch) → an autograd Function that saves only x, residual and the per-row mean/rstd → the
+public function, which checks the input and picks the Triton path or the torch reference
+(:mod:`fastbert.backend`).
+"""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from fastbert import backend
 from fastbert._validation import check_floating, check_probability, check_same
+from fastbert.ops._triton import kernel_module, philox_seed
+
+# The kernels keep a whole row in registers; same limit as fastbert.kernels.layer_norm.MAX_HIDDEN
+# (not imported here: that module imports triton).
+_MAX_HIDDEN = 16384
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def dropout_add_layer_norm_reference(x, residual, weight, bias, eps=1e-12, dropout_p=0.0):
@@ -16,20 +31,90 @@ def dropout_add_layer_norm_reference(x, residual, weight, bias, eps=1e-12, dropo
     return F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
 
 
-def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                           bias: torch.Tensor | None, eps: float = 1e-12, dropout_p: float = 0.0) -> torch.Tensor:
-    """``LayerNorm(dropout(x) + residual)`` over the last dimension.
+@torch.library.custom_op("fastbert::dropout_add_layer_norm_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
+            eps: float, dropout_p: float, seed: int, out_dtype: torch.dtype
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return kernel_module("layer_norm").layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, seed, out_dtype)
 
-    x: (..., hidden) float16/bfloat16/float32; residual: same shape and dtype as x, or None;
-    weight, bias: (hidden,). Dropout applies to ``x`` only (scale 1/(1-p)); pass ``dropout_p=0`` in eval.
-    Returns x's shape and dtype.
-    """
+
+@_fwd_op.register_fake
+def _fwd_fake(x, residual, weight, bias, eps, dropout_p, seed, out_dtype):
+    rows = x.numel() // x.shape[-1]
+    stats = x.new_empty((rows,), dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=out_dtype), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fastbert::dropout_add_layer_norm_bwd",
+                         mutates_args=("grad_x", "grad_residual", "grad_weight", "grad_bias"))
+def _bwd_op(grad_out: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
+            mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, seed: int, grad_x: torch.Tensor,
+            grad_residual: Optional[torch.Tensor], grad_weight: torch.Tensor, grad_bias: Optional[torch.Tensor]
+            ) -> None:
+    kernel_module("layer_norm").layer_norm_bwd(grad_out, x, residual, weight, mean, rstd, dropout_p, seed,
+                                               grad_x, grad_residual, grad_weight, grad_bias)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(grad_out, x, residual, weight, mean, rstd, dropout_p, seed, grad_x, grad_residual, grad_weight,
+              grad_bias):
+    return None
+
+
+def _forward(x, residual, weight, bias, eps, dropout_p, seed, out_dtype):
+    """The forward kernel: through the custom op while torch.compile traces, straight to the launcher in
+    eager mode, where a custom op's Python dispatch would cost about as much as the kernel at BERT sizes."""
+    if torch.compiler.is_compiling():
+        return _fwd_op(x, residual, weight, bias, eps, dropout_p, seed, out_dtype)
+    return kernel_module("layer_norm").layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, seed, out_dtype)
+
+
+def _backward(*args):
+    """The backward kernel, dispatched as :func:`_forward`."""
+    if torch.compiler.is_compiling():
+        return _bwd_op(*args)
+    return kernel_module("layer_norm").layer_norm_bwd(*args)
+
+
+class _DropoutAddLayerNorm(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, residual, weight, bias, eps, dropout_p, seed, out_dtype):
+        y, mean, rstd = _forward(x, residual, weight, bias, eps, dropout_p, seed, out_dtype)
+        ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
+        ctx.dropout_p = dropout_p
+        ctx.seed = seed
+        return y
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out):
+        x, residual, weight, bias, mean, rstd = ctx.saved_tensors
+        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        # The residual's gradient is the pre-norm sum's gradient: without dropout, and in x's dtype, it
+        # is grad_x itself (as for a plain add), so the kernel writes it once.
+        separate = residual is not None and (ctx.dropout_p > 0.0 or residual.dtype != x.dtype)
+        grad_residual = torch.empty(residual.shape, dtype=residual.dtype, device=x.device) if separate else None
+        grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        grad_bias = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device) if bias is not None else None
+        _backward(grad_out, x, residual, weight, mean, rstd, ctx.dropout_p, ctx.seed, grad_x, grad_residual,
+                  grad_weight, grad_bias)
+        if residual is not None and not separate:
+            grad_residual = grad_x
+        return grad_x, grad_residual, grad_weight, grad_bias, None, None, None, None
+
+
+def _check_inputs(x, residual, weight, bias, eps, dropout_p, mixed_dtypes: bool) -> float:
     check_floating("x", x)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last (hidden) dimension, got shape {tuple(x.shape)}")
     if residual is not None:
         check_floating("residual", residual)
-        check_same("x", x, "residual", residual)
+        if not mixed_dtypes:
+            check_same("x", x, "residual", residual)
+        elif residual.device != x.device or residual.shape != x.shape:
+            raise ValueError(f"residual must match x's shape {tuple(x.shape)} and device {x.device}, got "
+                             f"{tuple(residual.shape)} on {residual.device}")
     hidden = x.shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None and name == "bias":
@@ -39,9 +124,42 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weigh
             raise ValueError(f"{name} must have shape ({hidden},) to match x's last dimension, got {tuple(p.shape)}")
         if p.device != x.device:
             raise ValueError(f"{name} is on {p.device} but x is on {x.device}")
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps!r}")
-    dropout_p = check_probability("dropout_p", dropout_p)
-    # No Triton kernel yet: under FASTBERT_BACKEND=triton this raises a clear error.
-    backend.use_triton("dropout_add_layer_norm", x, has_kernel=False)
-    return dropout_add_layer_norm_reference(x, residual, weight, bias, eps, dropout_p)
+    if isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    return check_probability("dropout_p", dropout_p)
+
+
+def _kernel_limits(x, residual, weight, bias) -> str:
+    """Why the Triton kernel cannot take this input ('' when it can)."""
+    for name, t in (("x", x), ("residual", residual), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in _KERNEL_DTYPES:
+            return f"{name} is {t.dtype}; the kernel takes float16, bfloat16 and float32"
+    if x.shape[-1] > _MAX_HIDDEN:
+        return f"hidden size {x.shape[-1]} > {_MAX_HIDDEN} (the kernel keeps a whole row in registers)"
+    return ""
+
+
+def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                           bias: torch.Tensor | None, eps: float = 1e-12, dropout_p: float = 0.0) -> torch.Tensor:
+    """``LayerNorm(dropout(x) + residual)`` over the last dimension.
+
+    x: (..., hidden) float16/bfloat16/float32, any strides; residual: same shape and dtype as x, or
+    None (plain LayerNorm); weight: (hidden,); bias: (hidden,) or None. Dropout applies to ``x`` only
+    (inverted, scale 1/(1-p)); pass ``dropout_p=0`` in eval (no random numbers are drawn then).
+    Returns x's shape in x's dtype; under autocast in float32, as torch autocast runs
+    layer_norm (residual may then have another float dtype than x, e.g. an fp32 residual stream).
+
+    The Triton path draws its dropout seed from torch's default CPU generator (``torch.manual_seed``
+    reproduces it) and regenerates the mask in the backward. Gradients flow to x, residual, weight, bias.
+    """
+    autocast = torch.is_autocast_enabled(x.device.type) if isinstance(x, torch.Tensor) else False
+    dropout_p = _check_inputs(x, residual, weight, bias, eps, dropout_p, mixed_dtypes=autocast)
+    out_dtype = torch.float32 if autocast else x.dtype
+    why_not = _kernel_limits(x, residual, weight, bias)
+    if backend.use_triton("dropout_add_layer_norm", x, supported=not why_not, unsupported_reason=why_not):
+        seed = philox_seed() if dropout_p > 0.0 else 0
+        args = (x, residual, weight, bias, float(eps), dropout_p, seed, out_dtype)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
+            return _DropoutAddLayerNorm.apply(*args)
+        return _forward(*args)[0]  # inference: no autograd node, no saved tensors
+    return dropout_add_layer_norm_reference(x, residual, weight, bias, eps, dropout_p).to(out_dtype)

@@ -1,0 +1,124 @@
+"""Benchmark: fused bias + exact GELU (fastbert's Triton kernels) against eager PyTorch ``F.gelu(x + b)``
+and ``torch.compile`` of the same function; fwd, bwd and fwd+bwd.
+
+Bytes counted are what the op must move at the least, charged equally to every provider so GB/s compare
+directly: fwd reads x and writes y; bwd reads dy and x (recomputing x + b beats storing it) and writes
+dx (the bias gradient's (N,) result is negligible). A ``torch copy_`` row gives the ceiling the run
+measures; pct_of_peak is relative to it.
+
+    python -m benchmarks.bench_bias_gelu --device cuda --dtype bf16
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import DTYPES, Row, format_table, peak_memory_mb, time_fn
+from fastbert import backend, ops
+
+OP = "bias_gelu"
+# BERT-base/large hidden sizes (the issue's goal) and their intermediate sizes (where BERT runs this op).
+CUDA_SHAPES = [(16384, 768), (16384, 1024), (16384, 3072), (16384, 4096)]
+CPU_SHAPES = [(512, 3072)]
+CPU_QUICK_SHAPES = [(48, 96)]
+ROTATE_BYTES = 3 * 60 * 2**20  # one pass over the rotated inputs overflows the H200's 60 MB L2
+
+
+def eager(x, bias):
+    return F.gelu(x + bias)
+
+
+def fused(x, bias):
+    with backend.use("triton"):
+        return ops.bias_gelu(x, bias)
+
+
+class _Cycle:
+    """Calls ``body(item)`` on the next item each time: successive calls never hit the same inputs in L2."""
+
+    def __init__(self, items, body):
+        self.items, self.body, self.i = items, body, 0
+
+    def __call__(self):
+        self.i = (self.i + 1) % len(self.items)
+        return self.body(self.items[self.i])
+
+
+def _modes(fn, sets):
+    def forward(s):
+        return fn(s[0], s[1])
+
+    def forward_backward(s):
+        return torch.autograd.grad(forward(s), s[:2], s[2])
+
+    outputs = [(forward(s), s) for s in sets]
+
+    def backward(item):
+        y, s = item
+        return torch.autograd.grad(y, s[:2], s[2], retain_graph=True)
+
+    return [("fwd", _Cycle(sets, forward)), ("bwd", _Cycle(outputs, backward)),
+            ("fwd+bwd", _Cycle(sets, forward_backward))]
+
+
+def _bytes(m, n, elem, mode):
+    return {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[mode] * m * n * elem
+
+
+def _copy_ceiling(device, dtype, dtype_name, quick) -> Row:
+    """Device-to-device copy of an L2-busting buffer: the bandwidth every row is compared with."""
+    numel = (256 * 2**20 if device == "cuda" else 2**22) // torch.finfo(dtype).bits * 8
+    src = torch.randn(numel, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    timing = time_fn(lambda: dst.copy_(src), device, quick=quick)
+    return Row.measured(OP, "torch copy_", "copy", dtype_name, f"{numel}", timing,
+                        bytes_moved=2 * numel * src.element_size())
+
+
+def run(device: str, dtype: str, quick: bool) -> list[Row]:
+    torch_dtype = DTYPES[dtype]
+    shapes = CUDA_SHAPES if device == "cuda" else (CPU_QUICK_SHAPES if quick else CPU_SHAPES)
+    ceiling = _copy_ceiling(device, torch_dtype, dtype, quick)
+    rows = [ceiling]
+    probe = torch.empty(0, device=device)
+    elem = torch.finfo(torch_dtype).bits // 8
+    for m, n in shapes:
+        count = max(2, -(-ROTATE_BYTES // (3 * m * n * elem))) if device == "cuda" else 2
+        sets = [(torch.randn(m, n, device=device, dtype=torch_dtype, requires_grad=True),
+                 torch.randn(n, device=device, dtype=torch_dtype, requires_grad=True),
+                 torch.randn(m, n, device=device, dtype=torch_dtype)) for _ in range(count)]
+        shape = f"{m}x{n}"
+        providers = [("torch", eager)]
+        if backend.triton_can_run_on(probe):
+            providers.insert(0, ("fastbert", fused))
+        else:
+            rows.append(Row.unsupported(OP, "fastbert", "all", dtype, shape,
+                                        "Triton needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)"))
+        if device == "cuda":
+            providers.append(("torch.compile", torch.compile(eager, dynamic=False)))
+        else:
+            rows.append(Row.unsupported(OP, "torch.compile", "all", dtype, shape, "measured on CUDA only"))
+        for provider, fn in providers:
+            for mode, call in _modes(fn, sets):
+                call()  # warm-up: compiles
+                row = Row.measured(OP, provider, mode, dtype, shape, time_fn(call, device, quick=quick),
+                                   bytes_moved=_bytes(m, n, elem, mode), peak_mem_mb=peak_memory_mb(call, device))
+                if ceiling.gbps:
+                    row.pct_of_peak = 100.0 * row.gbps / ceiling.gbps
+                rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU, fewer repeats on CUDA")
+    args = parser.parse_args()
+    print(format_table(run(args.device, args.dtype, args.quick)))
+
+
+if __name__ == "__main__":
+    main()

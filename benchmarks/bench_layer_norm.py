@@ -1,0 +1,140 @@
+"""Benchmark: fused dropout + residual add + LayerNorm (fastbert's Triton kernels) against eager PyTorch
+``F.layer_norm(F.dropout(x) + r)`` and ``torch.compile`` of the same function; fwd, bwd and fwd+bwd.
+
+Bytes counted are what the op must move at the least, charged equally to every provider so GB/s compare
+directly: fwd reads x and the residual and writes y; bwd reads dy, x and the residual (recomputing the
+pre-norm sum beats storing it) and writes dx and, with dropout, the residual's gradient (without dropout
+it is dx itself). A ``torch copy_`` row gives the ceiling the run measures; pct_of_peak is relative to it.
+
+    python -m benchmarks.bench_layer_norm --device cuda --dtype bf16
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import DTYPES, Row, format_table, peak_memory_mb, time_fn
+from fastbert import backend, ops
+
+OP = "dropout_add_ln"
+CUDA_SHAPES = [(16384, 768), (16384, 1024)]
+CPU_SHAPES = [(512, 768)]
+CPU_QUICK_SHAPES = [(48, 96)]
+DROPOUT_P = 0.1  # BERT's hidden dropout
+# Inputs rotate through enough copies that one pass over them overflows the H200's 60 MB L2.
+ROTATE_BYTES = 3 * 60 * 2**20
+EPS = 1e-12
+
+
+def eager(x, residual, weight, bias, dropout_p):
+    return F.layer_norm(F.dropout(x, dropout_p, training=True) + residual, (x.shape[-1],), weight, bias, EPS)
+
+
+def fused(x, residual, weight, bias, dropout_p):
+    with backend.use("triton"):
+        return ops.dropout_add_layer_norm(x, residual, weight, bias, EPS, dropout_p)
+
+
+def _input_sets(m, n, dtype, device, count):
+    sets = []
+    for _ in range(count):
+        x = torch.randn(m, n, device=device, dtype=dtype, requires_grad=True)
+        r = torch.randn(m, n, device=device, dtype=dtype, requires_grad=True)
+        w = (1 + 0.1 * torch.randn(n, device=device)).to(dtype).requires_grad_()
+        b = (0.1 * torch.randn(n, device=device)).to(dtype).requires_grad_()
+        sets.append((x, r, w, b, torch.randn(m, n, device=device, dtype=dtype)))
+    return sets
+
+
+class _Cycle:
+    """Calls ``body(item)`` on the next item each time: successive calls never hit the same inputs in L2."""
+
+    def __init__(self, items, body):
+        self.items, self.body, self.i = items, body, 0
+
+    def __call__(self):
+        self.i = (self.i + 1) % len(self.items)
+        return self.body(self.items[self.i])
+
+
+def _modes(fn, sets, dropout_p):
+    """(mode, callable) for fwd, bwd (on a retained graph) and fwd+bwd."""
+
+    def forward(s):
+        return fn(*s[:4], dropout_p)
+
+    def forward_backward(s):
+        return torch.autograd.grad(forward(s), s[:4], s[4])
+
+    outputs = [(forward(s), s) for s in sets]
+
+    def backward(item):
+        y, s = item
+        return torch.autograd.grad(y, s[:4], s[4], retain_graph=True)
+
+    return [("fwd", _Cycle(sets, forward)), ("bwd", _Cycle(outputs, backward)),
+            ("fwd+bwd", _Cycle(sets, forward_backward))]
+
+
+def _bytes(m, n, elem, mode, dropout_p):
+    fwd = 3 * m * n * elem
+    bwd = (5 if dropout_p > 0 else 4) * m * n * elem
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def _copy_ceiling(device, dtype, dtype_name, quick) -> Row:
+    """Device-to-device copy of an L2-busting buffer: the bandwidth every row is compared with."""
+    numel = (256 * 2**20 if device == "cuda" else 2**22) // torch.finfo(dtype).bits * 8
+    src = torch.randn(numel, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    timing = time_fn(lambda: dst.copy_(src), device, quick=quick)
+    return Row.measured(OP, "torch copy_", "copy", dtype_name, f"{numel}", timing,
+                        bytes_moved=2 * numel * src.element_size())
+
+
+def run(device: str, dtype: str, quick: bool) -> list[Row]:
+    torch_dtype = DTYPES[dtype]
+    shapes = CUDA_SHAPES if device == "cuda" else (CPU_QUICK_SHAPES if quick else CPU_SHAPES)
+    ceiling = _copy_ceiling(device, torch_dtype, dtype, quick)
+    rows = [ceiling]
+    probe = torch.empty(0, device=device)
+    elem = torch.finfo(torch_dtype).bits // 8
+    for m, n in shapes:
+        count = max(2, -(-ROTATE_BYTES // (4 * m * n * elem))) if device == "cuda" else 2
+        sets = _input_sets(m, n, torch_dtype, device, count)
+        shape = f"{m}x{n} p={DROPOUT_P}"
+        providers = [("torch", eager)]
+        if backend.triton_can_run_on(probe):
+            providers.insert(0, ("fastbert", fused))
+        else:
+            rows.append(Row.unsupported(OP, "fastbert", "all", dtype, shape,
+                                        "Triton needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)"))
+        if device == "cuda":
+            providers.append(("torch.compile", torch.compile(eager, dynamic=False)))
+        else:
+            rows.append(Row.unsupported(OP, "torch.compile", "all", dtype, shape, "measured on CUDA only"))
+        for provider, fn in providers:
+            for mode, call in _modes(fn, sets, DROPOUT_P):
+                call()  # warm-up: compiles, autotunes
+                row = Row.measured(OP, provider, mode, dtype, shape, time_fn(call, device, quick=quick),
+                                   bytes_moved=_bytes(m, n, elem, mode, DROPOUT_P),
+                                   peak_mem_mb=peak_memory_mb(call, device))
+                if ceiling.gbps:
+                    row.pct_of_peak = 100.0 * row.gbps / ceiling.gbps
+                rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU, fewer repeats on CUDA")
+    args = parser.parse_args()
+    print(format_table(run(args.device, args.dtype, args.quick)))
+
+
+if __name__ == "__main__":
+    main()

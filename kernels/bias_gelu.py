@@ -1,0 +1,132 @@
+"""``gelu(x + bias)`` with the exact erf GELU: Triton kernels and launchers.
+
+Forward: y = h * Phi(h), h = x + bias, Phi the standard normal CDF. Backward recomputes h from x and
+bias: dx = dy * (Phi(h) + h * phi(h)), and dbias = sum of dx over rows, reduced in two deterministic
+stages (fp32 partial sums per row-program, then :func:`fastbert.kernels.column_sum.column_sums_into`).
+Element-wise and memory-bound, so the tiles are fixed by a heuristic rather than autotuned.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import as_rows, persistent_programs, warps_for
+from .column_sum import column_sums_into
+
+_SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
+_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+
+# Tile of the GPU launches: 16 x 256 elements, 4 warps: 32 elements (four 16-byte loads of bf16) per thread.
+_GPU_BLOCK_M = 16
+_GPU_MAX_BLOCK_N = 256
+_GPU_WARPS = 4
+# Backward programs per SM over the whole grid (row-programs x column blocks).
+_BWD_PROGRAMS_PER_SM = 8
+
+
+@triton.jit
+def _fwd_kernel(
+    X,  # (M, N) input, row stride stride_x, unit column stride
+    Bias,  # (N,)
+    Y,  # (M, N) output, contiguous
+    stride_x,
+    M,
+    N,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+    b = tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
+    h = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32) + b[None, :]
+    y = 0.5 * h * (1.0 + tl.math.erf(h * _SQRT1_2))
+    tl.store(Y + rows64[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_kernel(
+    DY,  # (M, N) gradient of the output, row stride stride_dy
+    X,  # (M, N) forward input, row stride stride_x
+    Bias,  # (N,)
+    DX,  # (M, N) gradient of x, contiguous
+    PartialDB,  # (row programs, N) fp32: this program's share of dbias
+    stride_dy,
+    stride_x,
+    M,
+    N,
+    rows_per_program,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    b = tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
+    db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    row_start = pid_m * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for block_start in range(row_start, row_end, BLOCK_M):
+        rows = block_start + tl.arange(0, BLOCK_M)
+        mask = (rows < row_end)[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)
+        h = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32) + b[None, :]
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        cdf = 0.5 * (1.0 + tl.math.erf(h * _SQRT1_2))
+        pdf = tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
+        dx = dy * (cdf + h * pdf)  # zero where masked: dy loads as 0 there
+        tl.store(DX + rows64[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        db_acc += dx
+    tl.store(PartialDB + pid_m * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+
+
+def _tile(n: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps). Under the interpreter: wide tiles of a few rows, so there are few
+    programs (each runs serially) yet a ragged last row block."""
+    if device.type == "cuda":
+        return _GPU_BLOCK_M, min(_GPU_MAX_BLOCK_N, triton.next_power_of_2(n)), _GPU_WARPS
+    block_n = min(1024, triton.next_power_of_2(n))
+    block_m = max(1, min(8, 2048 // block_n))
+    return block_m, block_n, warps_for(block_m * block_n)
+
+
+def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``gelu(x + bias)``. x: (..., N) any float dtype; bias: (N,). Returns x's shape and dtype, contiguous."""
+    n = x.shape[-1]
+    x_rows = as_rows(x, n)
+    m = x_rows.shape[0]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    block_m, block_n, warps = _tile(n, x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _fwd_kernel[grid](x_rows, bias.contiguous(), y, x_rows.stride(0), m, n, BLOCK_M=block_m, BLOCK_N=block_n,
+                      num_warps=warps)
+    return y
+
+
+def bias_gelu_bwd(grad_out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, grad_x: torch.Tensor,
+                  grad_bias: torch.Tensor) -> None:
+    """Gradients of :func:`bias_gelu_fwd`, written into grad_x (contiguous, x's shape and dtype) and
+    grad_bias ((N,) contiguous, bias's dtype)."""
+    n = x.shape[-1]
+    x_rows = as_rows(x, n)
+    dy_rows = as_rows(grad_out, n)
+    m = x_rows.shape[0]
+    if n == 0:
+        return
+    block_m, block_n, warps = _tile(n, x.device)
+    col_blocks = triton.cdiv(n, block_n)
+    total_programs = persistent_programs(x.device, _BWD_PROGRAMS_PER_SM)
+    row_programs = max(1, min(triton.cdiv(max(m, 1), block_m), total_programs // col_blocks))
+    partial_db = torch.empty((1, row_programs, n), dtype=torch.float32, device=x.device)
+    if m > 0:
+        _bwd_kernel[(row_programs, col_blocks)](
+            dy_rows, x_rows, bias.contiguous(), grad_x, partial_db[0], dy_rows.stride(0), x_rows.stride(0), m, n,
+            triton.cdiv(m, row_programs), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    else:
+        partial_db.zero_()
+    column_sums_into(partial_db, [grad_bias])

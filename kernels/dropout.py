@@ -1,0 +1,39 @@
+"""The dropout mask of a fused kernel, from a seed and each element's (row, column): no stored mask.
+
+A backward kernel that calls :func:`keep_mask` with the same seed regenerates exactly the forward's
+mask. The mask depends only on (seed, row, column), never on block sizes or the number of programs.
+"""
+import triton
+import triton.language as tl
+
+# Bits of randomness per element: a keep decision compares a 16-bit uniform with ceil(p * 2**16),
+# so the drop probability is p rounded up to a multiple of 2**-16.
+RANDOM_BITS: tl.constexpr = 16
+
+
+@triton.jit
+def _split_halves(word):
+    """A uint32 block as two 16-bit uniforms, joined along a new last axis."""
+    return tl.join(word & 0xFFFF, word >> 16)
+
+
+@triton.jit
+def keep_mask(seed, rows, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: True where element (rows[i], column j) survives dropout with rate ``dropout_p``.
+
+    seed: int scalar; rows: (BLOCK_M,) global row ids; columns are 0 .. BLOCK_N-1 (BLOCK_N >= 8).
+    One Philox4x32-10 call per (row, group of 8 columns) gives 128 random bits, split into eight
+    16-bit uniforms: an eighth of a Philox call per element, which keeps dropout off the critical path
+    of a memory-bound kernel.
+    """
+    groups = tl.arange(0, BLOCK_N // 8)
+    counter_col = (rows[:, None] * 0 + groups[None, :]).to(tl.uint32)
+    counter_row = (rows[:, None] + groups[None, :] * 0).to(tl.uint32)
+    zero = counter_col * 0
+    r0, r1, r2, r3 = tl.philox(seed, counter_col, counter_row, zero, zero)
+    # Each join adds a trailing axis of 2: the reshape gives every group's eight 16-bit values to its eight
+    # columns in one fixed order.
+    bits = tl.join(tl.join(_split_halves(r0), _split_halves(r1)), tl.join(_split_halves(r2), _split_halves(r3)))
+    bits = tl.reshape(bits, [BLOCK_M, BLOCK_N])
+    threshold = tl.math.ceil(dropout_p * (1 << RANDOM_BITS)).to(tl.uint32)
+    return bits >= threshold

@@ -1,0 +1,272 @@
+"""Fused dropout + residual add + LayerNorm over the last dimension: Triton kernels and launchers.
+
+Forward, per row:  h = dropout(x) + residual;  y = (h - mean) * rstd * weight + bias.
+The backward recomputes h from x and residual (regenerating the dropout mask from the seed) and the
+saved per-row mean/rstd, so nothing of size (rows, N) is stored beyond the inputs themselves.
+
+Every kernel holds a whole row in registers (N <= MAX_HIDDEN), computes in fp32 whatever the storage
+dtypes, and reduces dW/dB in two deterministic stages (fp32 partial sums per program, then
+:func:`fastbert.kernels.column_sum.column_sums_into`).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import as_rows, block_size, persistent_programs, warps_for
+from .column_sum import column_sums_into
+from .dropout import keep_mask
+
+MAX_HIDDEN = 16384  # a whole row lives in registers; fastbert.ops.layer_norm checks the same limit
+
+# Backward programs per SM: each loops over a contiguous range of rows, accumulating dW/dB partials.
+# More programs hide latency better but write more partial rows ((programs, N) fp32 per gradient).
+_BWD_PROGRAMS_PER_SM = 4
+
+
+def _tuning_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (1, 2, 4, 8) for w in (4, 8, 16)]
+
+
+def _pruner(max_per_thread: int):
+    """Keep launch shapes with 8 (one 16-byte bf16 load) to ``max_per_thread`` tile elements per thread:
+    fewer leaves threads idle, more spills registers. The backward holds about twice the live values
+    of the forward, so it gets the lower cap."""
+
+    def prune(configs, named_args, **kwargs):
+        block_n = kwargs["BLOCK_N"]
+        kept = [c for c in configs if 8 <= c.kwargs["BLOCK_M"] * block_n // (32 * c.num_warps) <= max_per_thread]
+        if kept:
+            return kept
+        # Very short rows: many rows per program; very long ones: one row, the most warps.
+        return [triton.Config({"BLOCK_M": 8}, num_warps=4) if block_n < 1024 else
+                triton.Config({"BLOCK_M": 1}, num_warps=16)]
+
+    return prune
+
+
+_TUNING_KEY = ["N", "BLOCK_N", "HAS_RESIDUAL", "HAS_BIAS", "HAS_DROPOUT"]
+
+
+def _interpreter_rows_per_program(block_n: int) -> int:
+    """Under the interpreter programs run one after another: a few rows each, and a ragged last block."""
+    return max(1, min(8, 2048 // block_n))
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _fwd_kernel(
+    X,  # (M, N) input that dropout applies to; row stride stride_x, unit column stride
+    R,  # (M, N) residual, row stride stride_r (not read unless HAS_RESIDUAL)
+    W,  # (N,) LayerNorm weight
+    B,  # (N,) LayerNorm bias (not read unless HAS_BIAS)
+    Y,  # (M, N) output, contiguous
+    Mean,  # (M,) fp32 row means, for the backward
+    Rstd,  # (M,) fp32 row 1/sqrt(var + eps), for the backward
+    stride_x,
+    stride_r,
+    M,
+    N,
+    eps,
+    dropout_p,
+    dropout_scale,  # 1 / (1 - dropout_p)
+    seed,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)  # row * stride can pass 2**31 on large activations
+
+    h = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        h = tl.where(keep_mask(seed, rows, dropout_p, BLOCK_M, BLOCK_N), h * dropout_scale, 0.0)
+    if HAS_RESIDUAL:
+        h += tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    # Two passes over the registers (mean, then centred variance): exact for rows of near-constant values.
+    mean = tl.sum(h, axis=1) / N
+    centered = tl.where(mask, h - mean[:, None], 0.0)
+    var = tl.sum(centered * centered, axis=1) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = centered * rstd[:, None] * w[None, :]
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows64[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + rows, mean, mask=row_ok)
+    tl.store(Rstd + rows, rstd, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _bwd_kernel(
+    DY,  # (M, N) gradient of the output, row stride stride_dy
+    X,  # (M, N) forward input x, row stride stride_x
+    R,  # (M, N) forward residual, row stride stride_r (not read unless HAS_RESIDUAL)
+    W,  # (N,) LayerNorm weight
+    Mean,  # (M,) fp32 saved by the forward
+    Rstd,  # (M,) fp32 saved by the forward
+    DX,  # (M, N) gradient of x, contiguous
+    DR,  # (M, N) gradient of the residual = of the pre-norm sum, contiguous (not written unless STORE_DR)
+    PartialDW,  # (programs, N) fp32: this program's share of dW
+    PartialDB,  # (programs, N) fp32: this program's share of dB (not written unless HAS_BIAS)
+    stride_dy,
+    stride_x,
+    stride_r,
+    M,
+    N,
+    rows_per_program,
+    dropout_p,
+    dropout_scale,
+    seed,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    STORE_DR: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    # dW/dB accumulate per element and are reduced over rows once, at the end.
+    dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for block_start in range(row_start, row_end, BLOCK_M):
+        rows = block_start + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)
+
+        h = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_DROPOUT:
+            keep = keep_mask(seed, rows, dropout_p, BLOCK_M, BLOCK_N)
+            h = tl.where(keep, h * dropout_scale, 0.0)
+        if HAS_RESIDUAL:
+            h += tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+        # dh = rstd * (w*dy - mean(w*dy) - xhat * mean(w*dy * xhat))
+        wdy = dy * w[None, :]
+        c_xhat = tl.sum(wdy * xhat, axis=1) / N
+        c_mean = tl.sum(wdy, axis=1) / N
+        dh = (wdy - xhat * c_xhat[:, None] - c_mean[:, None]) * rstd[:, None]
+
+        dw_acc += dy * xhat
+        if HAS_BIAS:
+            db_acc += dy
+        out_offsets = rows64[:, None] * N + cols[None, :]
+        if STORE_DR:
+            tl.store(DR + out_offsets, dh.to(DR.dtype.element_ty), mask=mask)
+        if HAS_DROPOUT:
+            dh = tl.where(keep, dh * dropout_scale, 0.0)
+        tl.store(DX + out_offsets, dh.to(DX.dtype.element_ty), mask=mask)
+
+    tl.store(PartialDW + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+    if HAS_BIAS:
+        tl.store(PartialDB + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+
+
+# On CUDA the launch shape is autotuned per (N, flags, dtypes). The choice also fixes the order of the
+# fp32 sums (row statistics, dW/dB partials), so it is cached on disk: later runs on the machine pick
+# the same configuration and reproduce results bit for bit.
+_fwd_tuned = triton.autotune(_tuning_configs(), key=_TUNING_KEY, cache_results=True,
+                             prune_configs_by={"early_config_prune": _pruner(max_per_thread=32)})(_fwd_kernel)
+_bwd_tuned = triton.autotune(_tuning_configs(), key=_TUNING_KEY + ["STORE_DR"], cache_results=True,
+                             prune_configs_by={"early_config_prune": _pruner(max_per_thread=16)})(_bwd_kernel)
+
+
+def _check_hidden(n: int) -> None:
+    if n > MAX_HIDDEN:
+        raise ValueError(f"layer_norm kernels keep a whole row in registers: hidden size {n} > {MAX_HIDDEN}")
+
+
+def _dropout_args(dropout_p: float) -> tuple[float, float]:
+    return dropout_p, (1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0)
+
+
+def layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                   eps: float, dropout_p: float, seed: int, out_dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``LayerNorm(dropout(x) + residual)`` over the last dim.
+
+    x, residual: (..., N), any float dtypes; weight, bias: (N,). Dropout (rate ``dropout_p`` on x only)
+    draws from ``seed``. Returns ``(y, mean, rstd)``: y (..., N) in ``out_dtype``, contiguous; mean and
+    rstd fp32 (rows,), what :func:`layer_norm_bwd` needs.
+    """
+    n = x.shape[-1]
+    _check_hidden(n)
+    x_rows = as_rows(x, n)
+    r_rows = as_rows(residual, n) if residual is not None else x_rows
+    m = x_rows.shape[0]
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    mean = torch.empty(m, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return y, mean, rstd
+    p, scale = _dropout_args(dropout_p)
+    block_n = block_size(n)
+    args = (x_rows, r_rows, weight.contiguous(), bias.contiguous() if bias is not None else weight, y, mean, rstd,
+            x_rows.stride(0), r_rows.stride(0), m, n, eps, p, scale, seed)
+    flags = dict(HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
+                 BLOCK_N=block_n)
+    if x.is_cuda:
+        _fwd_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](*args, **flags)
+    else:
+        block_m = _interpreter_rows_per_program(block_n)
+        _fwd_kernel[(triton.cdiv(m, block_m),)](*args, **flags, BLOCK_M=block_m,
+                                                num_warps=warps_for(block_m * block_n))
+    return y, mean, rstd
+
+
+def layer_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                   mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, seed: int,
+                   grad_x: torch.Tensor, grad_residual: torch.Tensor | None, grad_weight: torch.Tensor,
+                   grad_bias: torch.Tensor | None) -> None:
+    """Gradients of :func:`layer_norm_fwd`, written into the given buffers.
+
+    grad_out, x, residual: (..., N); mean, rstd: from the forward; ``seed`` and ``dropout_p`` as in the
+    forward, so the dropout mask is regenerated. grad_x: contiguous, x's shape; grad_residual:
+    contiguous or None (then the residual's gradient, the gradient of the pre-norm sum, is not
+    written: without dropout it equals grad_x); grad_weight, grad_bias: (N,) contiguous (grad_bias
+    None when the LayerNorm has no bias).
+    """
+    n = x.shape[-1]
+    _check_hidden(n)
+    x_rows = as_rows(x, n)
+    m = x_rows.shape[0]
+    r_rows = as_rows(residual, n) if residual is not None else x_rows
+    dy_rows = as_rows(grad_out, n)
+    programs = max(1, min(m, persistent_programs(x.device, _BWD_PROGRAMS_PER_SM)))
+    sums = [grad_weight] if grad_bias is None else [grad_weight, grad_bias]
+    partial = torch.empty((len(sums), programs, n), dtype=torch.float32, device=x.device)
+    if m > 0:
+        p, scale = _dropout_args(dropout_p)
+        block_n = block_size(n)
+        args = (dy_rows, x_rows, r_rows, weight.contiguous(), mean, rstd, grad_x,
+                grad_residual if grad_residual is not None else grad_x, partial[0], partial[-1],
+                dy_rows.stride(0), x_rows.stride(0), r_rows.stride(0), m, n, triton.cdiv(m, programs), p, scale, seed)
+        flags = dict(HAS_RESIDUAL=residual is not None, HAS_BIAS=grad_bias is not None,
+                     HAS_DROPOUT=dropout_p > 0.0, STORE_DR=grad_residual is not None, BLOCK_N=block_n)
+        if x.is_cuda:
+            _bwd_tuned[(programs,)](*args, **flags)
+        else:
+            block_m = _interpreter_rows_per_program(block_n)
+            _bwd_kernel[(programs,)](*args, **flags, BLOCK_M=block_m, num_warps=warps_for(block_m * block_n))
+    else:
+        partial.zero_()
+    column_sums_into(partial, sums)
