@@ -55,6 +55,8 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     a("--eval-every", type=int, default=d.eval_every)
     a("--eval-batches", type=int, default=d.eval_batches)
     a("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    a("--stop-at", type=int, default=None,
+      help="stop after this step with a checkpoint (for time-limited jobs); --resume continues to --max-steps")
     a("--whole-word-mask", action="store_true")
     a("--packing", action="store_true", help="pack several pairs per row (needs the unpadded encoder)")
     a("--compile", action="store_true", help="torch.compile the model")

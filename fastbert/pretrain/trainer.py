@@ -56,6 +56,7 @@ class PretrainConfig:
     eval_every: int = 200
     eval_batches: int = 8
     resume: bool = False
+    stop_at: int | None = None               # stop after this step (checkpointed), as if interrupted
     whole_word_mask: bool = False
     packing: bool = False
     compile: bool = False
@@ -82,6 +83,8 @@ class PretrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.stop_at is not None and not 0 < self.stop_at <= self.max_steps:
+            raise ValueError(f"--stop-at must be in [1, --max-steps={self.max_steps}], got {self.stop_at}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.num_workers < 0 or self.eval_batches < 0 or self.clip < 0 or self.weight_decay < 0:
@@ -494,13 +497,16 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> PretrainResult
                 result.last_eval = evaluate(model, eval_batches, device, amp_dtype)
                 metrics.log({"step": step, **result.last_eval})
                 window_start = time.perf_counter()
+            if step == cfg.stop_at and step < cfg.max_steps:
+                raise KeyboardInterrupt  # a planned pause: same path as an interrupt
             if step % cfg.save_every == 0 and step < cfg.max_steps:
                 _save(out, step, model, optimizer, scheduler, scaler, cfg, info, step * samples_per_step)
                 window_start = time.perf_counter()
     except KeyboardInterrupt:
         # Between steps the state is consistent: keep it, so --resume continues from here.
-        result.interrupted = True
-        _log(info, f"\ninterrupted at step {step}: writing a checkpoint so that --resume continues from here")
+        result.interrupted = step != cfg.stop_at
+        _log(info, f"\n{'interrupted' if result.interrupted else 'stopped (--stop-at)'} at step {step}: "
+                   "writing a checkpoint so that --resume continues from here")
         if step > 0:
             _save(out, step, model, optimizer, scheduler, scaler, cfg, info, step * samples_per_step)
         metrics.close()
