@@ -15,7 +15,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import DTYPES, Row, format_table, peak_memory_mb, time_fn
+from .common import DTYPES, Row, format_table, peak_memory_mb, time_fn
 from fastbert import backend, ops
 
 OP = "bias_gelu"
