@@ -3,8 +3,7 @@ and ``torch.compile`` of the same function; fwd, bwd and fwd+bwd.
 
 Bytes counted are what the op must move at the least, charged equally to every provider so GB/s compare
 directly: fwd reads x and writes y; bwd reads dy and x (recomputing x + b beats storing it) and writes
-dx (the bias gradient's (N,) result is negligible). A ``torch copy_`` row gives the ceiling the run
-measures; pct_of_peak is relative to it.
+dx (the bias gradient's (N,) result is negligible).
 
     python -m benchmarks.bench_bias_gelu --device cuda --dtype bf16
 """
@@ -67,21 +66,10 @@ def _bytes(m, n, elem, mode):
     return {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[mode] * m * n * elem
 
 
-def _copy_ceiling(device, dtype, dtype_name, quick) -> Row:
-    """Device-to-device copy of an L2-busting buffer: the bandwidth every row is compared with."""
-    numel = (256 * 2**20 if device == "cuda" else 2**22) // torch.finfo(dtype).bits * 8
-    src = torch.randn(numel, device=device).to(dtype)
-    dst = torch.empty_like(src)
-    timing = time_fn(lambda: dst.copy_(src), device, quick=quick)
-    return Row.measured(OP, "torch copy_", "copy", dtype_name, f"{numel}", timing,
-                        bytes_moved=2 * numel * src.element_size())
-
-
 def run(device: str, dtype: str, quick: bool) -> list[Row]:
     torch_dtype = DTYPES[dtype]
     shapes = CUDA_SHAPES if device == "cuda" else (CPU_QUICK_SHAPES if quick else CPU_SHAPES)
-    ceiling = _copy_ceiling(device, torch_dtype, dtype, quick)
-    rows = [ceiling]
+    rows = []
     probe = torch.empty(0, device=device)
     elem = torch.finfo(torch_dtype).bits // 8
     for m, n in shapes:
@@ -90,23 +78,21 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
                  torch.randn(n, device=device, dtype=torch_dtype, requires_grad=True),
                  torch.randn(m, n, device=device, dtype=torch_dtype)) for _ in range(count)]
         shape = f"{m}x{n}"
-        providers = [("torch", eager)]
+        providers = [("eager", eager)]
         if backend.triton_can_run_on(probe):
             providers.insert(0, ("fastbert", fused))
         else:
             rows.append(Row.unsupported(OP, "fastbert", "all", dtype, shape,
                                         "Triton needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)"))
         if device == "cuda":
-            providers.append(("torch.compile", torch.compile(eager, dynamic=False)))
+            providers.append(("compile", torch.compile(eager, dynamic=False)))
         else:
-            rows.append(Row.unsupported(OP, "torch.compile", "all", dtype, shape, "measured on CUDA only"))
+            rows.append(Row.unsupported(OP, "compile", "all", dtype, shape, "measured on CUDA only"))
         for provider, fn in providers:
             for mode, call in _modes(fn, sets):
                 call()  # warm-up: compiles
                 row = Row.measured(OP, provider, mode, dtype, shape, time_fn(call, device, quick=quick),
                                    bytes_moved=_bytes(m, n, elem, mode), peak_mem_mb=peak_memory_mb(call, device))
-                if ceiling.gbps:
-                    row.pct_of_peak = 100.0 * row.gbps / ceiling.gbps
                 rows.append(row)
     return rows
 

@@ -4,7 +4,7 @@
 Bytes counted are what the op must move at the least, charged equally to every provider so GB/s compare
 directly: fwd reads x and the residual and writes y; bwd reads dy, x and the residual (recomputing the
 pre-norm sum beats storing it) and writes dx and, with dropout, the residual's gradient (without dropout
-it is dx itself). A ``torch copy_`` row gives the ceiling the run measures; pct_of_peak is relative to it.
+it is dx itself).
 
     python -m benchmarks.bench_layer_norm --device cuda --dtype bf16
 """
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .common import DTYPES, Row, format_table, peak_memory_mb, time_fn
 from fastbert import backend, ops
 
-OP = "dropout_add_ln"
+OP = "layer_norm"
 CUDA_SHAPES = [(16384, 768), (16384, 1024)]
 CPU_SHAPES = [(512, 768)]
 CPU_QUICK_SHAPES = [(48, 96)]
@@ -84,45 +84,32 @@ def _bytes(m, n, elem, mode, dropout_p):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
-def _copy_ceiling(device, dtype, dtype_name, quick) -> Row:
-    """Device-to-device copy of an L2-busting buffer: the bandwidth every row is compared with."""
-    numel = (256 * 2**20 if device == "cuda" else 2**22) // torch.finfo(dtype).bits * 8
-    src = torch.randn(numel, device=device).to(dtype)
-    dst = torch.empty_like(src)
-    timing = time_fn(lambda: dst.copy_(src), device, quick=quick)
-    return Row.measured(OP, "torch copy_", "copy", dtype_name, f"{numel}", timing,
-                        bytes_moved=2 * numel * src.element_size())
-
-
 def run(device: str, dtype: str, quick: bool) -> list[Row]:
     torch_dtype = DTYPES[dtype]
     shapes = CUDA_SHAPES if device == "cuda" else (CPU_QUICK_SHAPES if quick else CPU_SHAPES)
-    ceiling = _copy_ceiling(device, torch_dtype, dtype, quick)
-    rows = [ceiling]
+    rows = []
     probe = torch.empty(0, device=device)
     elem = torch.finfo(torch_dtype).bits // 8
     for m, n in shapes:
         count = max(2, -(-ROTATE_BYTES // (4 * m * n * elem))) if device == "cuda" else 2
         sets = _input_sets(m, n, torch_dtype, device, count)
         shape = f"{m}x{n} p={DROPOUT_P}"
-        providers = [("torch", eager)]
+        providers = [("eager", eager)]
         if backend.triton_can_run_on(probe):
             providers.insert(0, ("fastbert", fused))
         else:
             rows.append(Row.unsupported(OP, "fastbert", "all", dtype, shape,
                                         "Triton needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)"))
         if device == "cuda":
-            providers.append(("torch.compile", torch.compile(eager, dynamic=False)))
+            providers.append(("compile", torch.compile(eager, dynamic=False)))
         else:
-            rows.append(Row.unsupported(OP, "torch.compile", "all", dtype, shape, "measured on CUDA only"))
+            rows.append(Row.unsupported(OP, "compile", "all", dtype, shape, "measured on CUDA only"))
         for provider, fn in providers:
             for mode, call in _modes(fn, sets, DROPOUT_P):
                 call()  # warm-up: compiles, autotunes
                 row = Row.measured(OP, provider, mode, dtype, shape, time_fn(call, device, quick=quick),
                                    bytes_moved=_bytes(m, n, elem, mode, DROPOUT_P),
                                    peak_mem_mb=peak_memory_mb(call, device))
-                if ceiling.gbps:
-                    row.pct_of_peak = 100.0 * row.gbps / ceiling.gbps
                 rows.append(row)
     return rows
 
