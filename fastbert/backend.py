@@ -14,7 +14,6 @@ Nothing here imports triton or touches CUDA at import time.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 import threading
@@ -59,9 +58,15 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_triton_found: bool | None = None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    # A plain module-level cache (not functools.lru_cache, which torch.compile's tracer warns about).
+    global _triton_found
+    if _triton_found is None:
+        _triton_found = importlib.util.find_spec("triton") is not None
+    return _triton_found
 
 
 def triton_can_run_on(tensor: torch.Tensor) -> bool:
