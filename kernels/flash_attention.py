@@ -36,9 +36,11 @@ LOG2_E = 1.4426950408889634
 # Philox counters are 32-bit: query_position * seqlen_bound + key_position must fit.
 MAX_SEQLEN_WITH_DROPOUT = 65536
 
-# The interpreter (CPU tests) gets one fixed small configuration: autotuning there costs minutes.
 _INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_INTERPRETER_BLOCK = 32
+# Autotuning on the GPU can be switched off (FASTBERT_AUTOTUNE=0, or this flag at run time), e.g. for
+# tests that sweep many shapes; the kernels then run one fixed configuration. The interpreter (CPU
+# tests) never autotunes: it would cost minutes.
+AUTOTUNE = os.environ.get("FASTBERT_AUTOTUNE", "1") != "0" and not _INTERPRETER
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -81,14 +83,16 @@ def _key_extent(KEY_EXTENT, b, n, HAS_MASK: tl.constexpr):
 
 @triton.jit
 def _dropout_keep(seed, pid_bh, rows, cols, seqlen_bound, dropout_p):
-    """The dropout keep-mask of a (rows, cols) tile: the same (seed, positions) always give the same mask."""
+    """The dropout keep-mask of a (rows, cols) tile: the same (seed, positions) always give the same mask.
+    ``seqlen_bound`` must be a run-time value (the kernels keep ``seqlen`` unspecialized, since Triton
+    would turn a 1 into a compile-time constant)."""
     counter = rows.to(tl.uint32)[:, None] * seqlen_bound.to(tl.uint32) + cols.to(tl.uint32)[None, :]
     stream = (counter * 0 + pid_bh.to(tl.uint32))
     random_bits, _, _, _ = tl.philox(seed, counter, stream, counter * 0, counter * 0)
     return tl.uint_to_uniform_float(random_bits) >= dropout_p
 
 
-@triton.jit(do_not_specialize=["seed", "dropout_p"])
+@triton.jit(do_not_specialize=["seqlen", "seed", "dropout_p"])
 def _attention_fwd_kernel(
     Q, K, V,  # inputs: (batch, seqlen, heads, head_dim) or (total, heads, head_dim); last dim contiguous
     OUT,  # output, same layout as Q (its own strides)
@@ -104,9 +108,9 @@ def _attention_fwd_kernel(
     num_heads, seqlen,  # seqlen: padded length, or max_seqlen for varlen (the dropout counter's row stride)
     scale_log2,  # softmax_scale * log2(e)
     dropout_p, seed,
+    seqlen_bucket,  # next power of two >= seqlen: only the autotuner's key (a run-time int, so no recompiles)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    SEQLEN_BUCKET: tl.constexpr,  # autotune key only
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -164,7 +168,7 @@ def _attention_fwd_kernel(
     tl.store(LSE + h * stride_lse_h + lse_row0 + rows, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["seed", "dropout_p"])
+@triton.jit(do_not_specialize=["seqlen", "seed", "dropout_p"])
 def _attention_bwd_dq_kernel(
     Q, K, V, OUT, DOUT,  # inputs (DOUT: gradient of OUT, any strides with a contiguous last dim)
     DQ,  # output: gradient of Q, same layout as Q (its own strides)
@@ -179,10 +183,10 @@ def _attention_bwd_dq_kernel(
     stride_dqb, stride_dqt, stride_dqh,
     stride_keep_b, stride_lse_h,
     num_heads, seqlen,
-    softmax_scale, scale_log2, dropout_p, seed,
+    softmax_scale, scale_log2, dropout_p, seed, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    SEQLEN_BUCKET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One program per (query block, batch * head): dQ for those rows, looping over the key blocks."""
     pid_m = tl.program_id(0)
@@ -234,7 +238,7 @@ def _attention_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=tile_mask)
 
 
-@triton.jit(do_not_specialize=["seed", "dropout_p"])
+@triton.jit(do_not_specialize=["seqlen", "seed", "dropout_p"])
 def _attention_bwd_dkdv_kernel(
     Q, K, V, DOUT,  # inputs
     DK, DV,  # outputs: gradients of K and V, same layout as K (their own strides)
@@ -248,10 +252,10 @@ def _attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvt, stride_dvh,
     stride_keep_b, stride_lse_h,
     num_heads, seqlen,
-    softmax_scale, scale_log2, dropout_p, seed,
+    softmax_scale, scale_log2, dropout_p, seed, seqlen_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    SEQLEN_BUCKET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One program per (key block, batch * head): dK and dV for those keys, looping over all queries."""
     pid_n = tl.program_id(0)
@@ -308,7 +312,7 @@ def _attention_bwd_dkdv_kernel(
 # ---------------------------------------------------------------------------------------------------
 # Launch configurations: autotuned per (sequence-length bucket, head dim) on the GPU
 # ---------------------------------------------------------------------------------------------------
-_AUTOTUNE_KEY = ["SEQLEN_BUCKET", "HEAD_DIM", "IS_VARLEN", "HAS_MASK", "HAS_DROPOUT"]
+_AUTOTUNE_KEY = ["seqlen_bucket", "HEAD_DIM", "IS_VARLEN", "HAS_MASK", "HAS_DROPOUT"]
 
 # Hopper-oriented: large query tiles for the forward, 2-4 pipeline stages; configs that do not fit
 # in shared memory for a head dim are dropped by the autotuner.
@@ -316,7 +320,7 @@ _FWD_CONFIGS = [
     (128, 64, 4, 3),
     (128, 64, 8, 3),
     (128, 128, 8, 3),
-    (64, 64, 4, 3),
+    (64, 64, 4, 2),
     (128, 32, 4, 4),
 ]
 # (BLOCK_M, BLOCK_N, warps, stages): the dQ kernel favours tall query tiles, dK/dV wide key tiles.
@@ -334,6 +338,11 @@ _BWD_DKDV_CONFIGS = [
 ]
 
 
+# Without autotuning: small tiles that fit shared memory for every dtype and head dim (fp32 hd128 too).
+_FIXED_CONFIG = (64, 64, 4, 2)
+_INTERPRETER_CONFIG = (32, 32, 4, 1)
+
+
 def _tuned(kernel, configs):
     if _INTERPRETER:
         return None
@@ -349,12 +358,14 @@ _bwd_dkdv_tuned = _tuned(_attention_bwd_dkdv_kernel, _BWD_DKDV_CONFIGS)
 
 
 def _launch(kernel, tuned, grid_rows: str, num_rows: int, batch_heads: int, args: tuple, meta: dict) -> None:
-    """Run ``kernel`` on a (row blocks, batch * heads) grid: autotuned on the GPU, fixed under the interpreter."""
-    if tuned is None:
-        grid = (triton.cdiv(num_rows, _INTERPRETER_BLOCK), batch_heads)
-        kernel[grid](*args, **meta, BLOCK_M=_INTERPRETER_BLOCK, BLOCK_N=_INTERPRETER_BLOCK)
+    """Run ``kernel`` on a (row blocks, batch * heads) grid; ``grid_rows`` names the block size that
+    tiles the rows (BLOCK_M for query-block kernels, BLOCK_N for the key-block one)."""
+    if AUTOTUNE and tuned is not None:
+        tuned[lambda cfg: (triton.cdiv(num_rows, cfg[grid_rows]), batch_heads)](*args, **meta)
         return
-    tuned[lambda cfg: (triton.cdiv(num_rows, cfg[grid_rows]), batch_heads)](*args, **meta)
+    block_m, block_n, warps, stages = _INTERPRETER_CONFIG if _INTERPRETER else _FIXED_CONFIG
+    grid = (triton.cdiv(num_rows, block_m if grid_rows == "BLOCK_M" else block_n), batch_heads)
+    kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -398,7 +409,7 @@ class _Layout:
     def meta(self, dtype: torch.dtype, dropout_p: float) -> dict:
         return dict(
             HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, IS_VARLEN=self.is_varlen, HAS_MASK=self.has_mask,
-            HAS_DROPOUT=dropout_p > 0.0, SEQLEN_BUCKET=self.seqlen_bucket,
+            HAS_DROPOUT=dropout_p > 0.0,
             # fp32 inputs are for tests: full-precision dots, not tf32, so they match an fp32 reference.
             DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         )
@@ -445,7 +456,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_ma
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
         layout.keep_stride, lse.stride(0),
         layout.num_heads, layout.seqlen,
-        softmax_scale * LOG2_E, dropout_p, _kernel_seed(seed),
+        softmax_scale * LOG2_E, dropout_p, _kernel_seed(seed), layout.seqlen_bucket,
     )
     _launch(_attention_fwd_kernel, _fwd_tuned, "BLOCK_M", layout.seqlen, layout.batch * layout.num_heads, args,
             layout.meta(q.dtype, dropout_p))
@@ -471,7 +482,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     _check_dropout_bound(layout, dropout_p)
     delta = _alloc(lse.shape, torch.float32, lse.device)
     common = (layout.keep_stride, lse.stride(0), layout.num_heads, layout.seqlen,
-              softmax_scale, softmax_scale * LOG2_E, dropout_p, _kernel_seed(seed))
+              softmax_scale, softmax_scale * LOG2_E, dropout_p, _kernel_seed(seed), layout.seqlen_bucket)
     meta = layout.meta(q.dtype, dropout_p)
     batch_heads = layout.batch * layout.num_heads
     dq_args = (
