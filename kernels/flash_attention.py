@@ -391,8 +391,11 @@ class _Layout:
         if self.has_mask:
             keep = key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
             self.keep = keep if keep.stride(-1) == 1 else keep.contiguous()
-            positions = torch.arange(1, self.seqlen + 1, device=q.device, dtype=torch.int32)
-            self.key_extent = torch.where(self.keep != 0, positions, 0).amax(dim=1).to(torch.int32)
+            if self.keep.numel():
+                positions = torch.arange(1, self.seqlen + 1, device=q.device, dtype=torch.int32)
+                self.key_extent = torch.where(self.keep != 0, positions, 0).amax(dim=1).to(torch.int32)
+            else:  # an empty batch or zero-length sequences: nothing to launch
+                self.key_extent = torch.zeros(self.batch, device=q.device, dtype=torch.int32)
         else:
             self.keep = placeholder
             self.key_extent = placeholder

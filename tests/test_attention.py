@@ -36,6 +36,8 @@ def poisoned_buffers(monkeypatch):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(fa, "_alloc", nan_alloc)
+    # On a GPU, one fixed launch configuration: autotuning every small shape here would only add compiles.
+    monkeypatch.setattr(fa, "AUTOTUNE", False)
 
 
 @pytest.fixture
@@ -140,6 +142,18 @@ def test_no_mask_and_non_contiguous_inputs():
     assert not inputs[0].is_contiguous()
     _check_against_reference(lambda q, k, v: ops.attention(q, k, v),
                              lambda q, k, v: ops.attention_reference(q, k, v), inputs, torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 2, 16), (0, 5, 2, 16)])
+def test_empty_inputs(shape):
+    q, k, v = _qkv(shape, torch.float32)
+    with backend.use("triton"):
+        out = ops.attention(q, k, v, torch.ones(shape[:2], dtype=torch.bool, device=DEVICE))
+        grads = _grads(out.sum(), (q, k, v), None)
+        flat = [x[0, :0] if shape[0] else x.flatten(0, 1) for x in (q, k, v)]
+        out_varlen = ops.attention_varlen(*flat, torch.zeros(2, dtype=torch.int32, device=DEVICE), 0)
+    assert out.shape == shape and all(g.shape == shape for g in grads)
+    assert out_varlen.shape == (0, 2, 16)
 
 
 def test_nan_in_padded_keys_and_values_never_leaks():
@@ -382,24 +396,21 @@ def test_custom_ops_have_consistent_fake_implementations():
 
 
 def test_torch_compile_traces_varlen_without_graph_breaks():
-    lengths = [6, 3]
-    cu_seqlens, max_seqlen = _cu_seqlens(lengths), max(lengths)
-    q, k, v = _qkv((sum(lengths), 2, 16), torch.float32)
-
-    def step(q, k, v):
+    def step(q, k, v, cu_seqlens, max_seqlen):
         return ops.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.1).square().sum()
 
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    with backend.use("triton"):
-        torch.manual_seed(2)
-        compiled(q, k, v).backward()
-        compiled_grads = [x.grad.clone() for x in (q, k, v)]
-        for x in (q, k, v):
-            x.grad = None
-        torch.manual_seed(2)
-        step(q, k, v).backward()
-    for got, want in zip(compiled_grads, (q.grad, k.grad, v.grad)):
-        torch.testing.assert_close(got, want)
+    # Dynamic shapes: the token count and max_seqlen change from batch to batch in training.
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=True)
+    for seed, lengths in ((2, [6, 3]), (3, [2, 5, 1])):
+        cu_seqlens = _cu_seqlens(lengths)
+        inputs = _qkv((sum(lengths), 2, 16), torch.float32)
+        with backend.use("triton"):
+            torch.manual_seed(seed)
+            compiled_grads = torch.autograd.grad(compiled(*inputs, cu_seqlens, max(lengths)), inputs)
+            torch.manual_seed(seed)
+            eager_grads = torch.autograd.grad(step(*inputs, cu_seqlens, max(lengths)), inputs)
+        for got, want in zip(compiled_grads, eager_grads):
+            torch.testing.assert_close(got, want)
 
 
 def test_varlen_preferred_follows_the_backend():

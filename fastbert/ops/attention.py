@@ -220,6 +220,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
     Padded keys get zero weight; a query row whose keys are all padding returns zeros.
     dropout_p: dropout on the attention probabilities (pass 0.0 in eval). softmax_scale: default
     1/sqrt(head_dim). Returns (batch, seqlen, heads, head_dim) in q's dtype.
+
+    The Triton kernel (CUDA tensors under the auto backend) takes head_dim a multiple of 8 up to 128
+    and float16/bfloat16/float32; other inputs take the torch reference (or raise a ValueError under
+    FASTBERT_BACKEND=triton). Its dropout draws a Philox seed from torch's CPU generator (reproducible
+    under ``torch.manual_seed``), and its backward is deterministic: no atomics, each gradient row is
+    written by one program, so the same inputs give bit-identical gradients.
     """
     _check_qkv(q, k, v, 4, "(batch, seqlen, heads, head_dim)")
     dropout_p = check_probability("dropout_p", dropout_p)
@@ -248,7 +254,8 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen: int, total_tokens: in
         raise ValueError(f"cu_seqlens must be 1-D of length batch + 1 >= 2, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+    # A SymInt when torch.compile treats max_seqlen as dynamic (it changes from batch to batch).
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
     # Value checks read the data (a graph break under torch.compile): skipped while compiling.
     if value_checks_cheap(cu_seqlens) and not torch.compiler.is_compiling():
@@ -294,6 +301,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     q, k, v: (total_tokens, heads, head_dim); cu_seqlens: int32 (batch + 1,) prefix sums of the
     sequence lengths (``cu_seqlens[-1] == total_tokens``); max_seqlen: the longest length, a Python int
     (no device sync needed). Tokens attend only within their own sequence. Returns (total, heads, head_dim).
+    Kernel limits, dropout and determinism as :func:`attention`; with the same seed and
+    ``max_seqlen`` equal to the padded length, both layouts draw the same dropout mask.
     The values of ``cu_seqlens`` (start 0, non-decreasing, last == total, max length <= max_seqlen) are
     checked on CPU tensors, and on CUDA ones only under FASTBERT_DEBUG=1 (the check syncs the device).
     """
