@@ -64,7 +64,7 @@ def _locate_sequence(pid_bh, num_heads, seqlen, CU_SEQLENS, IS_VARLEN: tl.conste
 
 
 @triton.jit
-def _real_keys(KEEP, KEY_EXTENT, b, cols, n, stride_keep_b, HAS_MASK: tl.constexpr):
+def _real_keys(KEEP, b, cols, n, stride_keep_b, HAS_MASK: tl.constexpr):
     """Which key columns hold real tokens (in range and, with a mask, not padding)."""
     real = cols < n
     if HAS_MASK:
@@ -87,7 +87,7 @@ def _dropout_keep(seed, pid_bh, rows, cols, seqlen_bound, dropout_p):
     ``seqlen_bound`` must be a run-time value (the kernels keep ``seqlen`` unspecialized, since Triton
     would turn a 1 into a compile-time constant)."""
     counter = rows.to(tl.uint32)[:, None] * seqlen_bound.to(tl.uint32) + cols.to(tl.uint32)[None, :]
-    stream = (counter * 0 + pid_bh.to(tl.uint32))
+    stream = counter * 0 + pid_bh.to(tl.uint32)  # one Philox stream per (batch, head)
     random_bits, _, _, _ = tl.philox(seed, counter, stream, counter * 0, counter * 0)
     return tl.uint_to_uniform_float(random_bits) >= dropout_p
 
@@ -138,7 +138,7 @@ def _attention_fwd_kernel(
     extent = _key_extent(KEY_EXTENT, b, n, HAS_MASK)
     for start_n in range(0, extent, BLOCK_N):
         cols = start_n + offs_n
-        real = _real_keys(KEEP, KEY_EXTENT, b, cols, n, stride_keep_b, HAS_MASK)
+        real = _real_keys(KEEP, b, cols, n, stride_keep_b, HAS_MASK)
         kv_mask = real[:, None] & in_dim[None, :]
         k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -221,7 +221,7 @@ def _attention_bwd_dq_kernel(
     extent = _key_extent(KEY_EXTENT, b, n, HAS_MASK)
     for start_n in range(0, extent, BLOCK_N):
         cols = start_n + offs_n
-        real = _real_keys(KEEP, KEY_EXTENT, b, cols, n, stride_keep_b, HAS_MASK)
+        real = _real_keys(KEEP, b, cols, n, stride_keep_b, HAS_MASK)
         kv_mask = real[:, None] & in_dim[None, :]
         k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -278,7 +278,7 @@ def _attention_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # Key blocks past the last real key are all padding: their gradients are exactly zero.
     if start_n < _key_extent(KEY_EXTENT, b, n, HAS_MASK):
-        real = _real_keys(KEEP, KEY_EXTENT, b, cols, n, stride_keep_b, HAS_MASK)
+        real = _real_keys(KEEP, b, cols, n, stride_keep_b, HAS_MASK)
         kv_mask = real[:, None] & in_dim[None, :]
         k = tl.load(K + b64 * stride_kb + col_off * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + b64 * stride_vb + col_off * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
