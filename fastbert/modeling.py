@@ -410,7 +410,7 @@ class BertModel(BertPreTrainedModel):
             return False
         if self.unpad is not None:
             return self.unpad
-        return varlen_preferred(hidden)
+        return varlen_preferred(hidden, self.config.hidden_size // self.config.num_attention_heads)
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None) -> torch.Tensor:
         """The encoder's last hidden state, (batch, seq_len, hidden); zeros at padding when unpadded."""

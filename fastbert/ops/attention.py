@@ -3,10 +3,16 @@
 Public ops: :func:`attention` on (batch, seqlen, heads, head_dim) with a key-padding mask, and
 :func:`attention_varlen` on unpadded (total_tokens, heads, head_dim) with ``cu_seqlens``. Each has its
 torch reference beside it (``*_reference``), which is also the CPU path.
+
+The Triton path (``fastbert.kernels.flash_attention``) comes in three thin layers per layout: a
+registered custom op for the forward and one for the backward (``torch.library.custom_op`` with fake
+implementations, so ``torch.compile`` traces them without graph breaks) → one ``autograd.Function``
+→ the public function, which validates and dispatches through :func:`fastbert.backend.use_triton`.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +26,34 @@ from fastbert._validation import (
     check_same,
     value_checks_cheap,
 )
+from fastbert.ops._triton import philox_seed
+
+# What the Triton kernel takes: head dims are padded up to a power-of-two block with masked loads.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_HEAD_DIM_MULTIPLE = 8
+KERNEL_MAX_HEAD_DIM = 128
+
+
+def kernel_unsupported_reason(head_dim: int, dtype: torch.dtype) -> str:
+    """Why the Triton kernel cannot take this head dim / dtype ("" when it can)."""
+    if dtype not in KERNEL_DTYPES:
+        return f"dtype {dtype} (the kernel takes float16, bfloat16 or float32)"
+    if head_dim % KERNEL_HEAD_DIM_MULTIPLE or head_dim > KERNEL_MAX_HEAD_DIM:
+        return (f"head_dim {head_dim} (the kernel takes multiples of {KERNEL_HEAD_DIM_MULTIPLE} up to "
+                f"{KERNEL_MAX_HEAD_DIM}: 8, 16, 32, 40, 64, 80, 96, 128, ...)")
+    return ""
+
+
+def _use_kernel(op: str, q: torch.Tensor) -> bool:
+    reason = kernel_unsupported_reason(q.shape[-1], q.dtype)
+    return backend.use_triton(op, q, supported=not reason, unsupported_reason=reason)
+
+
+def _kernels():
+    # Imported on first use: `import fastbert` must not import triton.
+    from fastbert.kernels import flash_attention
+
+    return flash_attention
 
 
 def _check_scale(softmax_scale: float | None, head_dim: int) -> float:
@@ -56,6 +90,119 @@ def _masked_softmax_attention(q, k, v, keep, dropout_p, scale):
     return torch.matmul(probs, v)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Triton path: custom ops (opaque to torch.compile, with fake implementations) and autograd Functions
+# ---------------------------------------------------------------------------------------------------
+def _seed_tensor(dropout_p: float) -> torch.Tensor:
+    """The dropout seed as a CPU int64 tensor, so the backward op can take it (0 when there is no dropout)."""
+    return torch.tensor([philox_seed() if dropout_p > 0.0 else 0], dtype=torch.int64)
+
+
+@torch.library.custom_op("fastbert::flash_attention_fwd", mutates_args=())
+def _flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                         dropout_p: float, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out (B, L, H, D), lse fp32 (H, B*L), seed int64 (1,) on the CPU)."""
+    # The seed is drawn inside the op, so a compiled graph draws a fresh one on every call.
+    seed = _seed_tensor(dropout_p)
+    out, lse = _kernels().forward(q, k, v, key_padding_mask=key_padding_mask, softmax_scale=softmax_scale,
+                                  dropout_p=dropout_p, seed=int(seed[0]))
+    return out, lse, seed
+
+
+@_flash_attention_fwd.register_fake
+def _(q, k, v, key_padding_mask, dropout_p, softmax_scale):
+    batch, seqlen, heads, _ = q.shape
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty((heads, batch * seqlen), dtype=torch.float32, device=q.device),
+            torch.empty((1,), dtype=torch.int64))
+
+
+@torch.library.custom_op("fastbert::flash_attention_bwd", mutates_args=())
+def _flash_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                         lse: torch.Tensor, seed: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                         dropout_p: float, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().backward(dout, q, k, v, out, lse, key_padding_mask=key_padding_mask,
+                               softmax_scale=softmax_scale, dropout_p=dropout_p, seed=int(seed[0]))
+
+
+@_flash_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, seed, key_padding_mask, dropout_p, softmax_scale):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+@torch.library.custom_op("fastbert::flash_attention_varlen_fwd", mutates_args=())
+def _flash_attention_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                                max_seqlen: int, dropout_p: float, softmax_scale: float
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out (T, H, D), lse fp32 (H, T), seed int64 (1,) on the CPU)."""
+    seed = _seed_tensor(dropout_p)
+    out, lse = _kernels().forward(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                  softmax_scale=softmax_scale, dropout_p=dropout_p, seed=int(seed[0]))
+    return out, lse, seed
+
+
+@_flash_attention_varlen_fwd.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
+    total, heads, _ = q.shape
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty((heads, total), dtype=torch.float32, device=q.device),
+            torch.empty((1,), dtype=torch.int64))
+
+
+@torch.library.custom_op("fastbert::flash_attention_varlen_bwd", mutates_args=())
+def _flash_attention_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                out: torch.Tensor, lse: torch.Tensor, seed: torch.Tensor, cu_seqlens: torch.Tensor,
+                                max_seqlen: int, dropout_p: float, softmax_scale: float
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().backward(dout, q, k, v, out, lse, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                               softmax_scale=softmax_scale, dropout_p=dropout_p, seed=int(seed[0]))
+
+
+@_flash_attention_varlen_bwd.register_fake
+def _(dout, q, k, v, out, lse, seed, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Padded layout. Saves q, k, v, out, the log-sum-exp and the dropout seed; nothing of size L²."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, dropout_p, softmax_scale):
+        out, lse, seed = torch.ops.fastbert.flash_attention_fwd(q, k, v, key_padding_mask, dropout_p, softmax_scale)
+        ctx.save_for_backward(q, k, v, out, lse, seed, key_padding_mask)
+        ctx.dropout_p, ctx.softmax_scale = dropout_p, softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, seed, key_padding_mask = ctx.saved_tensors
+        dq, dk, dv = torch.ops.fastbert.flash_attention_bwd(dout, q, k, v, out, lse, seed, key_padding_mask,
+                                                            ctx.dropout_p, ctx.softmax_scale)
+        return dq, dk, dv, None, None, None
+
+
+class _FlashAttentionVarlen(torch.autograd.Function):
+    """Unpadded layout; ``max_seqlen`` stays a Python int (no device sync, no graph break)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
+        out, lse, seed = torch.ops.fastbert.flash_attention_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, dropout_p,
+                                                                       softmax_scale)
+        ctx.save_for_backward(q, k, v, out, lse, seed, cu_seqlens)
+        ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale = max_seqlen, dropout_p, softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, seed, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = torch.ops.fastbert.flash_attention_varlen_bwd(dout, q, k, v, out, lse, seed, cu_seqlens,
+                                                                   ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale)
+        return dq, dk, dv, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public ops and their torch references
+# ---------------------------------------------------------------------------------------------------
 def attention_reference(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None):
     """Torch reference of :func:`attention` (matmul, masked fp32 softmax, dropout, matmul)."""
     scale = _check_scale(softmax_scale, q.shape[-1])
@@ -78,6 +225,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
     Padded keys get zero weight; a query row whose keys are all padding returns zeros.
     dropout_p: dropout on the attention probabilities (pass 0.0 in eval). softmax_scale: default
     1/sqrt(head_dim). Returns (batch, seqlen, heads, head_dim) in q's dtype.
+
+    The Triton kernel (CUDA tensors under the auto backend) takes head_dim a multiple of 8 up to 128
+    and float16/bfloat16/float32; other inputs take the torch reference (or raise a ValueError under
+    FASTBERT_BACKEND=triton). Its dropout draws a Philox seed from torch's CPU generator (reproducible
+    under ``torch.manual_seed``), and its backward is deterministic: no atomics, each gradient row is
+    written by one program, so the same inputs give bit-identical gradients.
     """
     _check_qkv(q, k, v, 4, "(batch, seqlen, heads, head_dim)")
     dropout_p = check_probability("dropout_p", dropout_p)
@@ -90,9 +243,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
             )
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
-    # No Triton kernel yet: under FASTBERT_BACKEND=triton this raises a clear error.
-    backend.use_triton("attention", q, has_kernel=False)
-    return attention_reference(q, k, v, key_padding_mask, dropout_p, softmax_scale)
+    scale = _check_scale(softmax_scale, q.shape[-1])
+    if _use_kernel("attention", q):
+        return _FlashAttention.apply(q, k, v, key_padding_mask, dropout_p, scale)
+    return attention_reference(q, k, v, key_padding_mask, dropout_p, scale)
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen: int, total_tokens: int, device: torch.device) -> None:
@@ -105,9 +259,11 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen: int, total_tokens: in
         raise ValueError(f"cu_seqlens must be 1-D of length batch + 1 >= 2, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+    # A SymInt when torch.compile treats max_seqlen as dynamic (it changes from batch to batch).
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
-    if value_checks_cheap(cu_seqlens):
+    # Value checks read the data (a graph break under torch.compile): skipped while compiling.
+    if value_checks_cheap(cu_seqlens) and not torch.compiler.is_compiling():
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         if int(cu_seqlens[0]) != 0:
             raise ValueError(f"cu_seqlens must start at 0, got {int(cu_seqlens[0])}")
@@ -150,15 +306,27 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     q, k, v: (total_tokens, heads, head_dim); cu_seqlens: int32 (batch + 1,) prefix sums of the
     sequence lengths (``cu_seqlens[-1] == total_tokens``); max_seqlen: the longest length, a Python int
     (no device sync needed). Tokens attend only within their own sequence. Returns (total, heads, head_dim).
+    Kernel limits, dropout and determinism as :func:`attention`; with the same seed and
+    ``max_seqlen`` equal to the padded length, both layouts draw the same dropout mask.
+    The values of ``cu_seqlens`` (start 0, non-decreasing, last == total, max length <= max_seqlen) are
+    checked on CPU tensors, and on CUDA ones only under FASTBERT_DEBUG=1 (the check syncs the device).
     """
     _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
     dropout_p = check_probability("dropout_p", dropout_p)
     check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device)
-    backend.use_triton("attention_varlen", q, has_kernel=False)
-    return attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+    scale = _check_scale(softmax_scale, q.shape[-1])
+    if _use_kernel("attention_varlen", q):
+        return _FlashAttentionVarlen.apply(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale)
+    return attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale)
 
 
-def varlen_preferred(hidden: torch.Tensor) -> bool:
-    """Should a model run unpadded? Only when a fused varlen kernel would take ``hidden``: the torch
-    reference pads internally, so unpadding buys nothing there."""
-    return False
+def varlen_preferred(hidden: torch.Tensor, head_dim: int) -> bool:
+    """Should a model run unpadded? Exactly when :func:`attention_varlen` would run the Triton kernel
+    on heads of ``head_dim`` cut from ``hidden``: the torch reference pads internally, so unpadding
+    buys nothing there. Never raises (an impossible forced backend is reported by the op itself)."""
+    name = backend.current()
+    if name == "torch" or kernel_unsupported_reason(head_dim, hidden.dtype):
+        return False
+    if name == "auto":
+        return hidden.is_cuda and backend.triton_installed()
+    return backend.triton_can_run_on(hidden)

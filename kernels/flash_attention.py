@@ -1,0 +1,509 @@
+"""Flash attention for BERT (bidirectional, no causal mask): Triton kernels and their launchers.
+
+Two layouts share the kernels, chosen by a compile-time flag:
+
+* padded: q, k, v of shape (batch, seqlen, heads, head_dim), with an optional key-padding mask
+  (batch, seqlen), nonzero = real key;
+* varlen: q, k, v of shape (total_tokens, heads, head_dim), sequences back to back, bounded by
+  ``cu_seqlens`` (int32, batch + 1 prefix sums).
+
+Numerics: scores and the online softmax run in fp32 in the exp2 domain; the forward saves the
+log-sum-exp (base 2, of the scaled scores) per query row, and the backward recomputes the
+probabilities from it, so nothing of size seqlen² is ever stored. A row whose keys are all padding
+gets output 0 and log-sum-exp +inf, which makes every recomputed probability of that row exactly 0.
+
+Masking reads nothing wrong: padded / out-of-range keys and values are loaded as zeros and their
+scores set to -inf, so garbage (even NaN) there reaches neither outputs nor gradients.
+
+Dropout on the attention probabilities draws Philox numbers from (seed, query position * seqlen_bound
++ key position, batch * heads + head): the backward regenerates the same mask from the same seed.
+
+Backward is deterministic: one kernel computes dQ (and the row terms ``delta = rowsum(dO * O)``) per
+query block, a second computes dK and dV per key block, each owning its output rows, so nothing
+is accumulated with atomics and the same inputs give bit-identical gradients.
+
+No autograd here: ``fastbert.ops.attention`` wraps :func:`forward` and :func:`backward`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634
+# Philox counters are 32-bit: query_position * seqlen_bound + key_position must fit.
+MAX_SEQLEN_WITH_DROPOUT = 65536
+
+_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Autotuning on the GPU can be switched off (FASTBERT_AUTOTUNE=0, or this flag at run time), e.g. for
+# tests that sweep many shapes; the kernels then run one fixed configuration. The interpreter (CPU
+# tests) never autotunes: it would cost minutes.
+AUTOTUNE = os.environ.get("FASTBERT_AUTOTUNE", "1") != "0" and not _INTERPRETER
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _locate_sequence(pid_bh, num_heads, seqlen, CU_SEQLENS, IS_VARLEN: tl.constexpr):
+    """(batch index, head index, first token of the sequence in its tensor, sequence length).
+
+    Padded layout: tokens of a sequence are addressed through the batch stride, so the first token is
+    0 and the length is ``seqlen``. Varlen: the sequence spans ``cu_seqlens[b] : cu_seqlens[b + 1]``."""
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    if IS_VARLEN:
+        tok0 = tl.load(CU_SEQLENS + b)
+        n = tl.load(CU_SEQLENS + b + 1) - tok0
+    else:
+        tok0 = b * 0
+        n = seqlen + b * 0
+    return b, h, tok0, n
+
+
+@triton.jit
+def _real_keys(KEEP, b, cols, n, stride_keep_b, HAS_MASK: tl.constexpr):
+    """Which key columns hold real tokens (in range and, with a mask, not padding)."""
+    real = cols < n
+    if HAS_MASK:
+        keep = tl.load(KEEP + b.to(tl.int64) * stride_keep_b + cols, mask=real, other=0)
+        real = real & (keep != 0)
+    return real
+
+
+@triton.jit
+def _key_extent(KEY_EXTENT, b, n, HAS_MASK: tl.constexpr):
+    """Keys at or past this position are all padding and can be skipped (the mask's last real key + 1)."""
+    if HAS_MASK:
+        return tl.minimum(tl.load(KEY_EXTENT + b), n)
+    return n
+
+
+@triton.jit
+def _dropout_keep(seed, pid_bh, rows, cols, seqlen_bound, dropout_p):
+    """The dropout keep-mask of a (rows, cols) tile: the same (seed, positions) always give the same mask.
+    ``seqlen_bound`` must be a run-time value (the kernels keep ``seqlen`` unspecialized, since Triton
+    would turn a 1 into a compile-time constant)."""
+    counter = rows.to(tl.uint32)[:, None] * seqlen_bound.to(tl.uint32) + cols.to(tl.uint32)[None, :]
+    stream = counter * 0 + pid_bh.to(tl.uint32)  # one Philox stream per (batch, head)
+    random_bits, _, _, _ = tl.philox(seed, counter, stream, counter * 0, counter * 0)
+    return tl.uint_to_uniform_float(random_bits) >= dropout_p
+
+
+@triton.jit(do_not_specialize=["seqlen", "seed", "dropout_p"])
+def _attention_fwd_kernel(
+    Q, K, V,  # inputs: (batch, seqlen, heads, head_dim) or (total, heads, head_dim); last dim contiguous
+    OUT,  # output, same layout as Q (its own strides)
+    LSE,  # fp32 (heads, rows): log2-sum-exp of each query row's scaled scores; +inf for empty rows
+    KEEP,  # key-padding mask (batch, seqlen), nonzero = real key; read only when HAS_MASK
+    KEY_EXTENT,  # int32 (batch,): last real key + 1 per sequence; read only when HAS_MASK
+    CU_SEQLENS,  # int32 (batch + 1,); read only when IS_VARLEN
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_keep_b, stride_lse_h,
+    num_heads, seqlen,  # seqlen: padded length, or max_seqlen for varlen (the dropout counter's row stride)
+    scale_log2,  # softmax_scale * log2(e)
+    dropout_p, seed,
+    seqlen_bucket,  # next power of two >= seqlen: only the autotuner's key (a run-time int, so no recompiles)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b, h, tok0, n = _locate_sequence(pid_bh, num_heads, seqlen, CU_SEQLENS, IS_VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= n:
+        return
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_dim = offs_d < HEAD_DIM
+    row_ok = rows < n
+    b64 = b.to(tl.int64)
+    tok64 = tok0.to(tl.int64)
+
+    q_ptrs = Q + b64 * stride_qb + (tok64 + rows)[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & in_dim[None, :], other=0.0)
+    k_base = K + b64 * stride_kb + tok64 * stride_kt + h * stride_kh
+    v_base = V + b64 * stride_vb + tok64 * stride_vt + h * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    extent = _key_extent(KEY_EXTENT, b, n, HAS_MASK)
+    for start_n in range(0, extent, BLOCK_N):
+        cols = start_n + offs_n
+        real = _real_keys(KEEP, b, cols, n, stride_keep_b, HAS_MASK)
+        kv_mask = real[:, None] & in_dim[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        s = tl.where(real[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row with no real key so far keeps max -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, pid_bh, rows, cols, seqlen, dropout_p)
+            p = tl.where(keep, p, 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    inv_l = tl.where(has_keys, 1.0 / tl.where(has_keys, l_i, 1.0), 0.0)
+    if HAS_DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    out = acc * inv_l[:, None]
+    o_ptrs = OUT + b64 * stride_ob + (tok64 + rows)[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & in_dim[None, :])
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
+    lse_row0 = tok64 if IS_VARLEN else b64 * seqlen
+    tl.store(LSE + h * stride_lse_h + lse_row0 + rows, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["seqlen", "seed", "dropout_p"])
+def _attention_bwd_dq_kernel(
+    Q, K, V, OUT, DOUT,  # inputs (DOUT: gradient of OUT, any strides with a contiguous last dim)
+    DQ,  # output: gradient of Q, same layout as Q (its own strides)
+    LSE,  # fp32 (heads, rows), from the forward
+    DELTA,  # output: fp32 (heads, rows), rowsum(dO * O), read afterwards by the dK/dV kernel
+    KEEP, KEY_EXTENT, CU_SEQLENS,  # as in the forward
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dqb, stride_dqt, stride_dqh,
+    stride_keep_b, stride_lse_h,
+    num_heads, seqlen,
+    softmax_scale, scale_log2, dropout_p, seed, seqlen_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program per (query block, batch * head): dQ for those rows, looping over the key blocks."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b, h, tok0, n = _locate_sequence(pid_bh, num_heads, seqlen, CU_SEQLENS, IS_VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= n:
+        return
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_dim = offs_d < HEAD_DIM
+    row_ok = rows < n
+    tile_mask = row_ok[:, None] & in_dim[None, :]
+    b64 = b.to(tl.int64)
+    tok64 = tok0.to(tl.int64)
+    row_off = (tok64 + rows)[:, None]
+
+    q = tl.load(Q + b64 * stride_qb + row_off * stride_qt + h * stride_qh + offs_d[None, :], mask=tile_mask, other=0.0)
+    do = tl.load(DOUT + b64 * stride_dob + row_off * stride_dot + h * stride_doh + offs_d[None, :],
+                 mask=tile_mask, other=0.0)
+    o = tl.load(OUT + b64 * stride_ob + row_off * stride_ot + h * stride_oh + offs_d[None, :], mask=tile_mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    lse_row0 = tok64 if IS_VARLEN else b64 * seqlen
+    lse_ptrs = h * stride_lse_h + lse_row0 + rows
+    tl.store(DELTA + lse_ptrs, delta, mask=row_ok)
+    lse = tl.load(LSE + lse_ptrs, mask=row_ok, other=float("inf"))
+
+    k_base = K + b64 * stride_kb + tok64 * stride_kt + h * stride_kh
+    v_base = V + b64 * stride_vb + tok64 * stride_vt + h * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    extent = _key_extent(KEY_EXTENT, b, n, HAS_MASK)
+    for start_n in range(0, extent, BLOCK_N):
+        cols = start_n + offs_n
+        real = _real_keys(KEEP, b, cols, n, stride_keep_b, HAS_MASK)
+        kv_mask = real[:, None] & in_dim[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        p = tl.where(real[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, pid_bh, rows, cols, seqlen, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    dq = dq * softmax_scale
+    tl.store(DQ + b64 * stride_dqb + row_off * stride_dqt + h * stride_dqh + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit(do_not_specialize=["seqlen", "seed", "dropout_p"])
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DOUT,  # inputs
+    DK, DV,  # outputs: gradients of K and V, same layout as K (their own strides)
+    LSE, DELTA,  # fp32 (heads, rows): from the forward and from the dQ kernel
+    KEEP, KEY_EXTENT, CU_SEQLENS,  # as in the forward
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    stride_keep_b, stride_lse_h,
+    num_heads, seqlen,
+    softmax_scale, scale_log2, dropout_p, seed, seqlen_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program per (key block, batch * head): dK and dV for those keys, looping over all queries."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b, h, tok0, n = _locate_sequence(pid_bh, num_heads, seqlen, CU_SEQLENS, IS_VARLEN)
+    start_n = pid_n * BLOCK_N
+    if start_n >= n:
+        return
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_dim = offs_d < HEAD_DIM
+    b64 = b.to(tl.int64)
+    tok64 = tok0.to(tl.int64)
+    col_off = (tok64 + cols)[:, None]
+    out_mask = (cols < n)[:, None] & in_dim[None, :]
+    dk_ptrs = DK + b64 * stride_dkb + col_off * stride_dkt + h * stride_dkh + offs_d[None, :]
+    dv_ptrs = DV + b64 * stride_dvb + col_off * stride_dvt + h * stride_dvh + offs_d[None, :]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # Key blocks past the last real key are all padding: their gradients are exactly zero.
+    if start_n < _key_extent(KEY_EXTENT, b, n, HAS_MASK):
+        real = _real_keys(KEEP, b, cols, n, stride_keep_b, HAS_MASK)
+        kv_mask = real[:, None] & in_dim[None, :]
+        k = tl.load(K + b64 * stride_kb + col_off * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + b64 * stride_vb + col_off * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        q_base = Q + b64 * stride_qb + tok64 * stride_qt + h * stride_qh
+        do_base = DOUT + b64 * stride_dob + tok64 * stride_dot + h * stride_doh
+        lse_row0 = tok64 if IS_VARLEN else b64 * seqlen
+        for start_m in range(0, n, BLOCK_M):
+            rows = start_m + offs_m
+            row_ok = rows < n
+            tile_mask = row_ok[:, None] & in_dim[None, :]
+            q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=tile_mask, other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=tile_mask, other=0.0)
+            lse = tl.load(LSE + h * stride_lse_h + lse_row0 + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + h * stride_lse_h + lse_row0 + rows, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+            p = tl.where(real[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, pid_bh, rows, cols, seqlen, dropout_p)
+                p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            else:
+                p_dropped = p
+            dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    tl.store(dk_ptrs, (dk * softmax_scale).to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch configurations: autotuned per (sequence-length bucket, head dim) on the GPU
+# ---------------------------------------------------------------------------------------------------
+_AUTOTUNE_KEY = ["seqlen_bucket", "HEAD_DIM", "IS_VARLEN", "HAS_MASK", "HAS_DROPOUT"]
+
+# Hopper-oriented: large query tiles for the forward, 2-4 pipeline stages; configs that do not fit
+# in shared memory for a head dim are dropped by the autotuner.
+_FWD_CONFIGS = [
+    (128, 64, 4, 3),
+    (128, 64, 8, 3),
+    (128, 128, 8, 3),
+    (64, 64, 4, 2),
+    (128, 32, 4, 4),
+]
+# (BLOCK_M, BLOCK_N, warps, stages): the dQ kernel favours tall query tiles, dK/dV wide key tiles.
+_BWD_DQ_CONFIGS = [
+    (128, 64, 8, 2),
+    (128, 32, 4, 3),
+    (64, 64, 4, 2),
+    (64, 32, 4, 3),
+]
+_BWD_DKDV_CONFIGS = [
+    (64, 128, 8, 2),
+    (32, 128, 4, 3),
+    (64, 64, 4, 2),
+    (32, 64, 4, 3),
+]
+
+
+# Without autotuning: small tiles that fit shared memory for every dtype and head dim (fp32 hd128 too).
+_FIXED_CONFIG = (64, 64, 4, 2)
+_INTERPRETER_CONFIG = (32, 32, 4, 1)
+
+
+def _tuned(kernel, configs):
+    if _INTERPRETER:
+        return None
+    return triton.autotune(
+        configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs],
+        key=_AUTOTUNE_KEY,
+    )(kernel)
+
+
+_fwd_tuned = _tuned(_attention_fwd_kernel, _FWD_CONFIGS)
+_bwd_dq_tuned = _tuned(_attention_bwd_dq_kernel, _BWD_DQ_CONFIGS)
+_bwd_dkdv_tuned = _tuned(_attention_bwd_dkdv_kernel, _BWD_DKDV_CONFIGS)
+
+
+def _launch(kernel, tuned, grid_rows: str, num_rows: int, batch_heads: int, args: tuple, meta: dict) -> None:
+    """Run ``kernel`` on a (row blocks, batch * heads) grid; ``grid_rows`` names the block size that
+    tiles the rows (BLOCK_M for query-block kernels, BLOCK_N for the key-block one)."""
+    if AUTOTUNE and tuned is not None:
+        tuned[lambda cfg: (triton.cdiv(num_rows, cfg[grid_rows]), batch_heads)](*args, **meta)
+        return
+    block_m, block_n, warps, stages = _INTERPRETER_CONFIG if _INTERPRETER else _FIXED_CONFIG
+    grid = (triton.cdiv(num_rows, block_m if grid_rows == "BLOCK_M" else block_n), batch_heads)
+    kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Host launchers
+# ---------------------------------------------------------------------------------------------------
+class _Layout:
+    """What the kernels need to know about q/k/v's layout: strides, sizes, the masks' pointers."""
+
+    def __init__(self, q: torch.Tensor, key_padding_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                 max_seqlen: int):
+        self.is_varlen = cu_seqlens is not None
+        self.num_heads, self.head_dim = q.shape[-2], q.shape[-1]
+        if self.is_varlen:
+            self.batch = cu_seqlens.numel() - 1
+            self.seqlen = max_seqlen
+            self.rows = q.shape[0]
+        else:
+            self.batch, self.seqlen = q.shape[0], q.shape[1]
+            self.rows = self.batch * self.seqlen
+        self.has_mask = key_padding_mask is not None
+        # One placeholder serves every pointer a flag turns off (the kernels never read it).
+        placeholder = cu_seqlens if self.is_varlen else q
+        if self.has_mask:
+            keep = key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
+            self.keep = keep if keep.stride(-1) == 1 else keep.contiguous()
+            if self.keep.numel():
+                positions = torch.arange(1, self.seqlen + 1, device=q.device, dtype=torch.int32)
+                self.key_extent = torch.where(self.keep != 0, positions, 0).amax(dim=1).to(torch.int32)
+            else:  # an empty batch or zero-length sequences: nothing to launch
+                self.key_extent = torch.zeros(self.batch, device=q.device, dtype=torch.int32)
+        else:
+            self.keep = placeholder
+            self.key_extent = placeholder
+        self.cu_seqlens = cu_seqlens if self.is_varlen else placeholder
+        self.block_d = max(16, triton.next_power_of_2(self.head_dim))
+        self.seqlen_bucket = max(16, triton.next_power_of_2(max(self.seqlen, 1)))
+
+    def strides(self, t: torch.Tensor) -> tuple[int, int, int]:
+        """(batch, token, head) strides; the varlen layout has no batch dimension (stride 0)."""
+        if self.is_varlen:
+            return 0, t.stride(0), t.stride(1)
+        return t.stride(0), t.stride(1), t.stride(2)
+
+    def meta(self, dtype: torch.dtype, dropout_p: float) -> dict:
+        return dict(
+            HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, IS_VARLEN=self.is_varlen, HAS_MASK=self.has_mask,
+            HAS_DROPOUT=dropout_p > 0.0,
+            # fp32 inputs are for tests: full-precision dots, not tf32, so they match an fp32 reference.
+            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        )
+
+    @property
+    def keep_stride(self) -> int:
+        return self.keep.stride(0) if self.has_mask else 0
+
+
+def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel fills (tests replace this to hand out NaN-poisoned memory)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _kernel_seed(seed: int) -> int:
+    # A seed of fixed bit width (bit 62 set) keeps the kernel argument int64 for every draw, so a
+    # small seed never compiles a second kernel variant.
+    return (seed & ((1 << 62) - 1)) | (1 << 62)
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None,
+            cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0, softmax_scale: float,
+            dropout_p: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. Inputs are assumed validated by ``fastbert.ops.attention``.
+
+    q, k, v: (batch, seqlen, heads, head_dim) with ``key_padding_mask`` (batch, seqlen) or None, or
+    (total, heads, head_dim) with ``cu_seqlens`` int32 (batch + 1,) and ``max_seqlen``.
+    Returns ``(out, lse)``: out like q (contiguous); lse fp32 (heads, rows), base-2 log-sum-exp of the
+    scaled scores per query row (+inf where a row has no real key), rows = batch * seqlen or total.
+    """
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    layout = _Layout(q, key_padding_mask, cu_seqlens, max_seqlen)
+    out = _alloc(q.shape, q.dtype, q.device)
+    lse = _alloc((layout.num_heads, layout.rows), torch.float32, q.device)
+    if out.numel() == 0 or layout.batch == 0:
+        return out, lse
+    _check_dropout_bound(layout, dropout_p)
+    args = (
+        q, k, v, out, lse, layout.keep, layout.key_extent, layout.cu_seqlens,
+        *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
+        layout.keep_stride, lse.stride(0),
+        layout.num_heads, layout.seqlen,
+        softmax_scale * LOG2_E, dropout_p, _kernel_seed(seed), layout.seqlen_bucket,
+    )
+    _launch(_attention_fwd_kernel, _fwd_tuned, "BLOCK_M", layout.seqlen, layout.batch * layout.num_heads, args,
+            layout.meta(q.dtype, dropout_p))
+    return out, lse
+
+
+def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+             lse: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None,
+             cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0, softmax_scale: float,
+             dropout_p: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the deterministic backward: the dQ kernel (which also writes delta), then dK/dV.
+
+    Same layouts as :func:`forward`; ``out`` and ``lse`` are the forward's, ``seed`` and ``dropout_p``
+    the forward's too (the dropout mask is regenerated, never stored). Returns (dq, dk, dv) like q, k, v.
+    """
+    dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
+    layout = _Layout(q, key_padding_mask, cu_seqlens, max_seqlen)
+    dq = _alloc(q.shape, q.dtype, q.device)
+    dk = _alloc(k.shape, k.dtype, k.device)
+    dv = _alloc(v.shape, v.dtype, v.device)
+    if dq.numel() == 0 or layout.batch == 0:
+        return dq, dk, dv
+    _check_dropout_bound(layout, dropout_p)
+    delta = _alloc(lse.shape, torch.float32, lse.device)
+    common = (layout.keep_stride, lse.stride(0), layout.num_heads, layout.seqlen,
+              softmax_scale, softmax_scale * LOG2_E, dropout_p, _kernel_seed(seed), layout.seqlen_bucket)
+    meta = layout.meta(q.dtype, dropout_p)
+    batch_heads = layout.batch * layout.num_heads
+    dq_args = (
+        q, k, v, out, dout, dq, lse, delta, layout.keep, layout.key_extent, layout.cu_seqlens,
+        *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out), *layout.strides(dout),
+        *layout.strides(dq), *common,
+    )
+    _launch(_attention_bwd_dq_kernel, _bwd_dq_tuned, "BLOCK_M", layout.seqlen, batch_heads, dq_args, meta)
+    dkdv_args = (
+        q, k, v, dout, dk, dv, lse, delta, layout.keep, layout.key_extent, layout.cu_seqlens,
+        *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(dout),
+        *layout.strides(dk), *layout.strides(dv), *common,
+    )
+    _launch(_attention_bwd_dkdv_kernel, _bwd_dkdv_tuned, "BLOCK_N", layout.seqlen, batch_heads, dkdv_args, meta)
+    return dq, dk, dv
+
+
+def _check_dropout_bound(layout: _Layout, dropout_p: float) -> None:
+    if dropout_p > 0.0 and layout.seqlen > MAX_SEQLEN_WITH_DROPOUT:
+        raise ValueError(f"attention dropout supports sequences up to {MAX_SEQLEN_WITH_DROPOUT} tokens "
+                         f"(32-bit Philox counters), got {layout.seqlen}")
