@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import DTYPES, Row, format_table, time_fn
+from .common import DTYPES, Row, format_table, time_fn
 from fastbert import backend, ops
 
 OP = "attention"

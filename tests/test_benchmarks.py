@@ -30,8 +30,8 @@ def test_speedups_pair_same_case_only():
 
 def test_goals_report_measured_values_and_gaps():
     rows = [
-        row("attention", "fastbert", "fwd", "B=8 L=512 H=12 D=64 padded", 1.0, flops=300e9),
-        row("attention", "sdpa_flash", "fwd", "B=8 L=512 H=12 D=64 padded", 1.5, flops=300e9),
+        row("attention", "fastbert", "fwd", "B8 L512 H12 D64 mix", 1.0, flops=300e9),
+        row("attention", "sdpa_flash", "fwd", "B8 L512 H12 D64 mix", 1.5, flops=300e9),
         row("model", "fastbert", "step", "bert-base-uncased B=64 L=128 full", 100.0, flops=50e12),
         row("model", "hf_eager", "step", "bert-base-uncased B=64 L=128 full", 350.0),
     ]
