@@ -77,7 +77,7 @@ def test_learns_a_rule_and_saves_a_model_transformers_loads(tiny_checkpoint, tmp
                                          batch_size=16, seq_len=24))
     assert result.labels == ["no", "yes"]
     assert len(result.eval_accuracy) == 3 and result.eval_accuracy[-1] >= 0.95, result.eval_accuracy
-    assert result.eval_accuracy[0] < 0.9 or result.train_loss[-1] < result.train_loss[0]
+    assert result.train_loss[-1] < result.train_loss[0]
     printed = capsys.readouterr().out
     assert printed.count("eval accuracy") == 3
 
