@@ -149,6 +149,16 @@ def test_fused_modules_follow_train_and_eval_mode():
         assert (c - b)[mask.bool()].abs().max() > 1e-2  # train: dropout is on in the fused modules
 
 
+def test_patched_model_saves_a_checkpoint_transformers_loads(tmp_path):
+    model = fastbert.patch_hf(make_hf("BertForPreTraining"))
+    model.save_pretrained(tmp_path)
+    loaded = transformers.BertForPreTraining.from_pretrained(tmp_path)
+    assert not any(hf.is_patched(loaded).values())
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_patching_twice_changes_nothing_more(op_calls):
     model = make_hf()
     fastbert.patch_hf(model)
