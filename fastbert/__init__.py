@@ -5,6 +5,7 @@ extension load lazily the first time an op needs them.
 """
 from fastbert import backend, ops
 from fastbert.config import BertConfig
+from fastbert.hf import patch_hf, patch_hf_classes
 from fastbert.modeling import (
     BertForMaskedLM,
     BertForPreTraining,
@@ -34,4 +35,6 @@ __all__ = [
     "SequenceClassifierOutput",
     "backend",
     "ops",
+    "patch_hf",
+    "patch_hf_classes",
 ]
