@@ -23,11 +23,10 @@ import gc
 
 import torch
 
-from benchmarks.common import DTYPES, Row, environment, format_table, stamp, time_fn
+from .common import DTYPES, Row, format_table, time_fn
 
-OP = "hf_train_step"
-PEAK_BF16_TFLOPS = 790.0  # measured bf16 GEMM on the H200 (GPU.md)
-BASELINE = "hf-sdpa"
+OP = "patched_hf"
+BASELINE = "hf_sdpa"
 
 
 def shapes(device: str, quick: bool) -> tuple[dict, int, int]:
@@ -59,19 +58,19 @@ def _build(base, provider: str):
     import fastbert
     import fastbert.hf
 
-    if provider == "hf-eager":
+    if provider == "hf_eager":
         model = copy.deepcopy(base)
         model.set_attn_implementation("eager")
         return model
-    if provider == "hf-sdpa":
+    if provider == "hf_sdpa":
         return copy.deepcopy(base)
-    if provider == "hf-attn-impl":
+    if provider == "attn_impl":
         if not fastbert.hf.register_attention():
             return None
         model = copy.deepcopy(base)
         model.set_attn_implementation("fastbert")
         return model
-    if provider == "hf-patch_hf":
+    if provider == "patched":
         return fastbert.patch_hf(copy.deepcopy(base))
     raise ValueError(provider)
 
@@ -79,7 +78,7 @@ def _build(base, provider: str):
 def run(device: str, dtype: str, quick: bool) -> list[Row]:
     config, batch, seqlen = shapes(device, quick)
     shape = f"B{batch} L{seqlen} H{config['hidden_size']}x{config['num_hidden_layers']}"
-    providers = ("hf-eager", "hf-sdpa", "hf-attn-impl", "hf-patch_hf")
+    providers = ("hf_eager", "hf_sdpa", "attn_impl", "patched")
     try:
         import transformers
     except ImportError:
@@ -96,7 +95,7 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
     g = torch.Generator().manual_seed(1)
     ids = (torch.randint(5, hf_config.vocab_size, (batch, seqlen), generator=g) * mask).to(device)
     mask, labels = mask.to(device), torch.randint(0, 2, (batch,), generator=g).to(device)
-    shape += f" real{float(lengths.sum()) / (batch * seqlen):.2f}"
+    shape += f" mix real{float(lengths.sum()) / (batch * seqlen):.2f}"
     flops = useful_flops(config, lengths)
     autocast = (contextlib.nullcontext() if dtype == "fp32" else torch.autocast(device, dtype=DTYPES[dtype]))
     if dtype == "fp16" and device != "cuda":
@@ -129,14 +128,12 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
             rows.append(Row.unsupported(OP, provider, "step", dtype, shape, f"{type(err).__name__}: {err}"))
         else:
             row = Row.measured(OP, provider, "step", dtype, shape, timing, flops=flops)
-            if device == "cuda":
-                row.pct_of_peak = 100 * row.tflops / PEAK_BF16_TFLOPS
             rows.append(row)
         del model, optimizer
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
-    return stamp(rows, environment())
+    return rows
 
 
 def summary(rows: list[Row]) -> str:

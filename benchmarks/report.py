@@ -107,7 +107,7 @@ GOALS = (
     Goal("MLM masking vs HF DataCollatorForLanguageModeling", 30, "x",
          lambda rows, p: _ratio(rows, "masking", "collate", "hf_collator")),
     Goal("patched HF BERT-base seq512 mix vs HF SDPA", 2.0, "x",
-         lambda rows, p: _ratio(rows, "patched_hf", "step", "hf_sdpa", "L=512", "mix", ours="patched")),
+         lambda rows, p: _ratio(rows, "patched_hf", "step", "hf_sdpa", "L512 ", "mix", ours="patched")),
 )
 
 

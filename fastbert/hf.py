@@ -152,8 +152,9 @@ class _MaskRelay:
     """Carries the 2-D mask from BertModel's call to its encoder's call (the one in between builds a
     4-D mask that the fused attention does not need). One forward at a time per model instance."""
 
-    def __init__(self, unpad: bool | None):
+    def __init__(self, unpad: bool | None, head_dim: int):
         self.unpad = unpad
+        self.head_dim = head_dim
         self.pending: tuple[torch.Tensor | None, bool] | None = None
 
 
@@ -199,7 +200,7 @@ def _enter_encoder(relay: _MaskRelay, encoder: nn.Module, args: tuple, kwargs: d
         mask = (mask != 0).to(hidden.device)
         if mask.shape != hidden.shape[:2]:
             raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but the batch is {tuple(hidden.shape[:2])}")
-    unpad = relay.unpad if relay.unpad is not None else varlen_preferred(hidden)
+    unpad = relay.unpad if relay.unpad is not None else varlen_preferred(hidden, relay.head_dim)
     # Per-layer hidden states are returned padded, so a run that reports them stays padded throughout.
     if mask is not None and unpad and not hidden_states_requested:
         batch, seqlen = mask.shape
@@ -360,7 +361,7 @@ def _install_mask_hooks(bert: nn.Module, unpad: bool | None) -> None:
     if relay is not None:  # already patched: only the unpad choice may change
         relay.unpad = unpad
         return
-    relay = _MaskRelay(unpad)
+    relay = _MaskRelay(unpad, bert.config.hidden_size // bert.config.num_attention_heads)
     # Not a submodule or parameter: the state_dict and module tree stay exactly transformers'.
     object.__setattr__(bert, "_fastbert_mask_relay", relay)
     bert.register_forward_pre_hook(functools.partial(_capture_mask, relay), with_kwargs=True)

@@ -108,9 +108,6 @@ def test_dropout_in_compiled_ops_is_live():
     assert not torch.equal(a, b)
 
 
-@pytest.mark.xfail(strict=False, raises=(torch._dynamo.exc.UserError, torch._dynamo.exc.Unsupported),
-                   reason="on CPU attention_varlen validates cu_seqlens by reading its values (a data-dependent "
-                          "branch); its custom op (issue 4) has to keep those checks out of the traced path")
 def test_attention_varlen_fullgraph():
     cu_seqlens = torch.tensor([0, 13, 14, 20], dtype=torch.int32)
     q, k, v = leaves((20, 5, 8), (20, 5, 8), (20, 5, 8))

@@ -16,11 +16,6 @@ HEADS = ["BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForSequenceC
          "BertForTokenClassification"]
 FUSED_OPS = ("attention", "attention_varlen", "dropout_add_layer_norm", "bias_gelu")
 
-needs_kernels = pytest.mark.xfail(
-    strict=False, raises=fastbert.backend.BackendUnavailableError,
-    reason="the Triton kernels behind fastbert.ops (issues 3 and 4) are not on this branch yet")
-
-
 def make_hf(cls_name="BertForSequenceClassification", attn="eager", **overrides):
     config = transformers.BertConfig(**{**ODD, **overrides}, num_labels=3, attn_implementation=attn)
     torch.manual_seed(1)
@@ -270,7 +265,6 @@ def test_no_mask_and_all_real_tokens():
 
 
 # ---- numbers: triton backend under the interpreter ------------------------------------------------------
-@needs_kernels
 @pytest.mark.parametrize("unpad", [False, True])
 def test_triton_backend_patched_matches_unpatched(unpad, triton_dispatch):
     hf_model = make_hf("BertForSequenceClassification", hidden_size=64, num_attention_heads=4,
