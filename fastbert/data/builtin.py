@@ -37,6 +37,7 @@ _SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "tes
 _HEADING_UNDERLINE = re.compile(r"^\s*([*=\-~^#+\"'`]){3,}\s*$")
 _CODE_LINE = re.compile(r"^\s*(>>>|\.\.\.|\$ |::=|[{}\[\]()]\s*$)")
 _LETTER_OR_SPACE = re.compile(r"[A-Za-z ]")
+_HAS_LETTER = re.compile(r"[A-Za-z]")
 # Comment lines that are markers, not prose (pragmas, encodings, shebangs, editor settings).
 _COMMENT_MARKER = re.compile(r"^(!|-\*-|\s*(type|noqa|pragma|pylint|fmt|vim?|XXX|TODO|FIXME)\b)", re.IGNORECASE)
 _MIN_WORDS = 4
@@ -81,7 +82,8 @@ def builtin_documents() -> Iterator[list[str]]:
             if key in seen:
                 continue
             seen.add(key)
-            sentences.extend(split_sentences(text))
+            # A list's "1." or "2." split off by the sentence rules is not a sentence.
+            sentences.extend(sentence for sentence in split_sentences(text) if _HAS_LETTER.search(sentence))
         if sentences:
             yield sentences
 
