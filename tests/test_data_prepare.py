@@ -308,3 +308,11 @@ def test_cli_prepare(tmp_path, capsys):
     assert "missing.txt" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit):
         main(["prepare", "--corpus", str(corpus), "--out", str(tmp_path / "y"), "--lowercase", "--cased"])
+
+
+def test_data_benchmark_quick_smoke():
+    from benchmarks import bench_data
+
+    rows = bench_data.run("cpu", "fp32", True)
+    assert [row.op for row in rows] == ["data_vocab", "data_prepare", "data_pairs"]
+    assert all(row.ms_median > 0 and row.tokens_per_s > 0 and not row.note for row in rows)
