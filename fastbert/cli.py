@@ -1,7 +1,8 @@
-"""The `fastbert` command: `fastbert demo | pretrain | finetune | bench` (argparse → configs → the job)."""
+"""The `fastbert` command: `fastbert demo | prepare | pretrain | finetune | bench` (argparse → configs → the job)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -9,6 +10,27 @@ def _demo(args: argparse.Namespace) -> int:
     from fastbert.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(model=args.model, device=args.device, repeats=args.repeats))
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    if args.workers is not None and args.workers >= 1:
+        # tokenizers sizes its thread pool from this on first use, which is still ahead.
+        os.environ["RAYON_NUM_THREADS"] = str(args.workers)
+    from fastbert.data import prepare_corpus
+
+    data = prepare_corpus(args.corpus, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                          lowercase=args.lowercase, workers=args.workers, shard_tokens=args.shard_tokens,
+                          overwrite=args.overwrite, progress=True)
+    if data.reused:
+        print(f"{data.data_dir}: already prepared from the same inputs and settings (reused)")
+    print(f"{data.data_dir}: {data.num_documents:,} documents, {data.num_sentences:,} sentences, "
+          f"{data.num_tokens:,} tokens in {len(data.shards)} shard(s) of {data.token_dtype}")
+    print(f"vocabulary: {data.vocab_size:,} tokens ({'uncased' if data.lowercase else 'cased'}), special ids "
+          f"[PAD]={data.pad_id} [UNK]={data.unk_id} [CLS]={data.cls_id} [SEP]={data.sep_id} [MASK]={data.mask_id}")
+    if data.replaced_bytes:
+        print(f"warning: {data.replaced_bytes:,} undecodable byte sequence(s) in the input were replaced with U+FFFD",
+              file=sys.stderr)
     return 0
 
 
@@ -89,6 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto | cpu | cuda")
     demo.add_argument("--repeats", type=int, default=10, help="timed forward passes")
     demo.set_defaults(run=_demo)
+
+    prepare = commands.add_parser("prepare", help="tokenize a corpus into memory-mapped shards for pre-training")
+    prepare.add_argument("--corpus", nargs="+", required=True, metavar="PATH",
+                         help="text files (one sentence per line, blank line between documents), .jsonl files "
+                              "with a 'text' field, `datasets` folders, or 'builtin' (Python's own docs, offline)")
+    prepare.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    prepare.add_argument("--tokenizer", default=None, metavar="FILE",
+                         help="vocab.txt, tokenizer.json or a folder with one (default: train a WordPiece vocabulary)")
+    prepare.add_argument("--vocab-size", type=int, default=30522, help="size of the trained vocabulary")
+    case = prepare.add_mutually_exclusive_group()
+    case.add_argument("--lowercase", dest="lowercase", action="store_true", default=None,
+                      help="lower-case the text (default when training a vocabulary)")
+    case.add_argument("--cased", dest="lowercase", action="store_false", help="keep the case")
+    prepare.add_argument("--workers", type=int, default=None, help="tokenizer threads (default: all cores)")
+    prepare.add_argument("--shard-tokens", type=int, default=1 << 25, help="tokens per shard file")
+    prepare.add_argument("--overwrite", action="store_true",
+                         help="replace an output folder prepared from other inputs or settings")
+    prepare.set_defaults(run=_prepare)
 
     pretrain = commands.add_parser("pretrain", help="pre-train BERT (MLM + NSP); no arguments: bert-tiny on the "
                                                     "built-in corpus on this machine for a few minutes")

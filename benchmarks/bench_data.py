@@ -1,0 +1,115 @@
+"""Data path: WordPiece training, tokenizing into shards, and BERT pair generation (per process and
+through DataLoader workers). All of it runs on the CPU whatever ``--device`` says; ``--device cuda``
+measures the real sizes (the built-in corpus, BERT's 30,522-token vocabulary, seq 128 and 512).
+
+Reported as tokens/s (``tokens_per_s``: words for vocabulary training, tokens otherwise), to compare
+with the training step's tokens/s: data loading must stay well ahead of it (a bert-base step at seq
+128 on an H200 at the 55% MFU goal consumes roughly 6,000 sequences, ~770 k tokens, per second).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import itertools
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .common import Row, Timing, format_table, time_fn
+
+_WORDS = ("the of and to in is that for it as with was on be by this are from at or an which have not "
+          "model data token sentence training layer attention vector value returns function object").split()
+
+
+def _generated_corpus(path: Path, documents: int, seed: int = 0) -> Path:
+    """BERT-format text of random English-like sentences (the quick CPU case)."""
+    rng = np.random.default_rng(seed)
+    blocks = []
+    for _ in range(documents):
+        sentences = []
+        for _ in range(int(rng.integers(4, 30))):
+            words = [_WORDS[i] for i in rng.integers(0, len(_WORDS), int(rng.integers(5, 25)))]
+            sentences.append(" ".join(words).capitalize() + ".")
+        blocks.append("\n".join(sentences))
+    path.write_text("\n\n".join(blocks) + "\n")
+    return path
+
+
+def _time_once(fn) -> Timing:
+    """One timed call (for work that writes files and is too slow to repeat many times)."""
+    import time
+
+    start = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - start) * 1e3
+    return Timing(ms, ms, ms)
+
+
+def run(device: str, dtype: str, quick: bool) -> list[Row]:
+    from fastbert.data import BertPairDataset, Corpus, prepare_corpus, train_wordpiece
+
+    real_sizes = device == "cuda" and not quick
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="fastbert-bench-data-") as tmp:
+        tmp = Path(tmp)
+        source = "builtin" if device == "cuda" else str(_generated_corpus(tmp / "corpus.txt", 60 if quick else 400))
+        corpus_name = "builtin" if source == "builtin" else "generated"
+        vocab_size = 30522 if real_sizes else 2000
+        corpus = Corpus(source)
+        sentences = [s for document in corpus.documents() for s in document]
+        corpus_tokens = sum(len(s.split()) for s in sentences)  # words: the trainer's unit of work
+
+        timing = _time_once(lambda: train_wordpiece(sentences, vocab_size=vocab_size))
+        rows.append(Row.measured("data_vocab", "tokenizers", "train", "-", f"{corpus_name} V={vocab_size}",
+                                 timing, tokens_per_s=corpus_tokens / (timing.median * 1e-3)))
+
+        data = prepare_corpus(corpus, tmp / "data", vocab_size=vocab_size)
+        runs = itertools.count()
+        timing = _time_once(lambda: prepare_corpus(corpus, tmp / f"again{next(runs)}", tokenizer=tmp / "data"))
+        rows.append(Row.measured("data_prepare", "fastbert", "tokenize", data.token_dtype,
+                                 f"{data.num_tokens} tok", timing,
+                                 tokens_per_s=data.num_tokens / (timing.median * 1e-3)))
+
+        for seq_len in ((128,) if quick else (128, 512)):
+            dataset = BertPairDataset(data, seq_len)
+            count = min(len(dataset), 200 if quick else 2000)
+            tokens = sum(len(dataset[i]["input_ids"]) for i in range(count))
+            timing = time_fn(lambda: [dataset[i] for i in range(count)], "cpu", quick=quick)
+            rows.append(Row.measured("data_pairs", "fastbert", "getitem", "-", f"seq{seq_len} x{count}", timing,
+                                     tokens_per_s=tokens / (timing.median * 1e-3)))
+            if quick:
+                continue
+            workers = min(4, os.cpu_count() or 1)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, num_workers=workers,
+                                                 collate_fn=list, persistent_workers=True, prefetch_factor=4)
+            batches = min(len(loader), 100)
+            sum(1 for _ in itertools.islice(iter(loader), 2))  # start the workers before timing
+            loaded_tokens = [0]
+
+            def drain():
+                for batch in itertools.islice(iter(loader), batches):
+                    loaded_tokens[0] += sum(len(example["input_ids"]) for example in batch)
+
+            timing = _time_once(drain)
+            rows.append(Row.measured("data_pairs", "dataloader", f"workers{workers}", "-",
+                                     f"seq{seq_len} b64x{batches}", timing,
+                                     tokens_per_s=loaded_tokens[0] / (timing.median * 1e-3)))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="fp32")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    rows = run(args.device, args.dtype, args.quick)
+    print(format_table(rows))
+    for row in rows:
+        print(f"{row.op:<14} {row.provider:<12} {row.mode:<9} {row.shape:<24} {row.tokens_per_s:>14,.0f} tokens/s")
+
+
+if __name__ == "__main__":
+    main()

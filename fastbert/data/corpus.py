@@ -1,0 +1,204 @@
+"""Corpus readers: documents (lists of sentences) from text files, JSON lines, `datasets` folders and
+the built-in corpus, streamed so that a corpus larger than memory can be read.
+
+A source is one of:
+
+* ``"builtin"``: the built-in English corpus (:mod:`fastbert.data.builtin`);
+* a text file (any name; ``.gz`` is decompressed): BERT's format, one sentence per line and a blank
+  line between documents; a line holding a paragraph is split into sentences;
+* a ``.jsonl`` file (``.jsonl.gz`` too): one JSON object per line, its ``text`` field one document;
+* a folder saved by ``datasets.Dataset.save_to_disk`` (needs the optional ``datasets`` package):
+  each row's ``text`` column is one document (the ``train`` split of a ``DatasetDict``);
+* any other folder: the text and ``.jsonl`` files inside it, sorted by path.
+
+Undecodable bytes are replaced with U+FFFD and counted (:attr:`Corpus.replaced_bytes`), never an
+error. A missing source is a :class:`FileNotFoundError` naming it; a corpus without any document
+is a :class:`ValueError` naming the inputs.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import IO, Iterable, Iterator, Sequence
+
+from fastbert.data.text import decode_counting, documents_of_lines, sentences_of_lines
+
+BUILTIN = "builtin"
+_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+_TEXT_SUFFIXES = (".txt", ".txt.gz", ".text", ".raw")
+_DATASETS_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
+
+SourceLike = str | os.PathLike
+
+
+class Corpus:
+    """One or more sources read in order as a single stream of documents.
+
+    ``documents()`` may be iterated more than once (the tokenizer trainer reads the corpus, then the
+    shard writer reads it again); ``replaced_bytes`` counts the undecodable bytes seen by the last
+    complete pass.
+    """
+
+    def __init__(self, sources: SourceLike | Sequence[SourceLike], *, cache_dir: SourceLike | None = None):
+        if isinstance(sources, (str, os.PathLike)):
+            sources = [sources]
+        sources = list(sources)
+        if not sources:
+            raise ValueError("no corpus given: pass one or more files, folders, or 'builtin'")
+        self.sources: list[str] = [str(source) for source in sources]
+        self.cache_dir = cache_dir
+        self.replaced_bytes = 0
+        self._files = [_resolve(source, cache_dir) for source in self.sources]
+
+    def __repr__(self) -> str:
+        return f"Corpus({self.sources!r})"
+
+    def describe(self) -> str:
+        return ", ".join(self.sources)
+
+    def documents(self) -> Iterator[list[str]]:
+        """Every document of every source, in order. Raises ValueError if there are none."""
+        replaced = [0]
+        found = False
+        for kind, path in self._files:
+            for document in _READERS[kind](path, replaced):
+                found = True
+                yield document
+        self.replaced_bytes = replaced[0]
+        if not found:
+            raise ValueError(f"the corpus has no documents (no non-empty text) in: {self.describe()}")
+
+    def fingerprint(self) -> str:
+        """A hash of what the corpus is read from: each file's path, size and modification time (and
+        the built-in corpus's content), so a re-run on unchanged inputs is recognised without reading them."""
+        digest = hashlib.sha256()
+        for kind, path in self._files:
+            for file in _files_of(kind, path):
+                stat = file.stat()
+                digest.update(f"{kind}\0{file.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+                if kind == BUILTIN:
+                    digest.update(hashlib.sha256(file.read_bytes()).digest())
+        return digest.hexdigest()
+
+
+def read_documents(sources: SourceLike | Sequence[SourceLike], *, cache_dir: SourceLike | None = None
+                   ) -> Iterator[list[str]]:
+    """Documents (lists of sentences) of ``sources``: a shortcut for ``Corpus(sources).documents()``."""
+    return Corpus(sources, cache_dir=cache_dir).documents()
+
+
+def _resolve(source: str, cache_dir: SourceLike | None) -> tuple[str, Path]:
+    """(reader kind, path) of one source; FileNotFoundError when it does not exist."""
+    if source == BUILTIN:
+        from fastbert.data.builtin import builtin_corpus_path
+
+        return BUILTIN, builtin_corpus_path(cache_dir)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"corpus source not found: {source}")
+    if path.is_dir():
+        if any((path / marker).is_file() for marker in _DATASETS_MARKERS):
+            return "datasets", path
+        if not _folder_files(path):
+            raise ValueError(f"corpus folder {source} holds no text (.txt) or .jsonl files")
+        return "folder", path
+    name = path.name.lower()
+    return ("jsonl" if name.endswith(_JSONL_SUFFIXES) else "text"), path
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    files = [path for path in folder.rglob("*") if path.is_file() and not path.name.startswith(".")
+             and path.name.lower().endswith(_TEXT_SUFFIXES + _JSONL_SUFFIXES)]
+    return sorted(files, key=lambda path: path.relative_to(folder).as_posix())
+
+
+def _files_of(kind: str, path: Path) -> list[Path]:
+    if kind == "folder":
+        return _folder_files(path)
+    if kind == "datasets":
+        return sorted((file for file in path.rglob("*") if file.is_file()),
+                      key=lambda file: file.relative_to(path).as_posix())
+    return [path]
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def _decoded_lines(path: Path, replaced: list[int]) -> Iterator[str]:
+    with _open_binary(path) as handle:
+        for raw in handle:
+            text, bad = decode_counting(raw)
+            replaced[0] += bad
+            yield text.rstrip("\r\n")
+
+
+def _read_text(path: Path, replaced: list[int]) -> Iterator[list[str]]:
+    yield from documents_of_lines(_decoded_lines(path, replaced))
+
+
+def _read_jsonl(path: Path, replaced: list[int]) -> Iterator[list[str]]:
+    for number, line in enumerate(_decoded_lines(path, replaced), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or "text" not in record:
+            raise ValueError(f"{path}:{number}: a .jsonl corpus needs a JSON object with a 'text' field per line")
+        text = record["text"]
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{number}: the 'text' field must be a string, got {type(text).__name__}")
+        sentences = sentences_of_lines(text.split("\n"))
+        if sentences:
+            yield sentences
+
+
+def _read_folder(path: Path, replaced: list[int]) -> Iterator[list[str]]:
+    for file in _folder_files(path):
+        reader = _read_jsonl if file.name.lower().endswith(_JSONL_SUFFIXES) else _read_text
+        yield from reader(file, replaced)
+
+
+def _read_datasets(path: Path, replaced: list[int]) -> Iterator[list[str]]:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{path} is a Hugging Face `datasets` folder; reading it needs the optional "
+                         "package: pip install datasets") from None
+    dataset = datasets.load_from_disk(str(path))
+    if hasattr(dataset, "column_names") and isinstance(dataset.column_names, dict):  # a DatasetDict
+        if "train" not in dataset:
+            raise ValueError(f"{path} is a DatasetDict without a 'train' split (splits: {sorted(dataset)})")
+        dataset = dataset["train"]
+    if "text" not in dataset.column_names:
+        raise ValueError(f"{path}: the dataset needs a 'text' column (columns: {dataset.column_names})")
+    for number, text in enumerate(_column(dataset, "text")):
+        if not isinstance(text, str):
+            raise ValueError(f"{path}: row {number}: 'text' must be a string, got {type(text).__name__}")
+        sentences = sentences_of_lines(text.split("\n"))
+        if sentences:
+            yield sentences
+
+
+def _column(dataset, name: str, batch_size: int = 1000) -> Iterable:
+    """A column in row order, read in batches (a `datasets` table is memory-mapped Arrow)."""
+    for start in range(0, len(dataset), batch_size):
+        yield from dataset[start:start + batch_size][name]
+
+
+def _read_builtin(path: Path, replaced: list[int]) -> Iterator[list[str]]:
+    yield from _read_text(path, replaced)
+
+
+_READERS = {
+    BUILTIN: _read_builtin,
+    "text": _read_text,
+    "jsonl": _read_jsonl,
+    "folder": _read_folder,
+    "datasets": _read_datasets,
+}
