@@ -153,7 +153,7 @@ def _model_config(cfg: PretrainConfig, data) -> tuple[BertConfig, Path | None]:
     else:
         # A fresh model sized for the data's vocabulary (rounded up to a multiple of 8 for tensor cores).
         config = BertConfig.from_pretrained(cfg.model, vocab_size=int(math.ceil(data.vocab_size / 8) * 8),
-                                            pad_token_id=data.pad_token_id)
+                                            pad_token_id=data.pad_id)
         start = None
     if cfg.seq_len > config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} is above the model's max_position_embeddings "
@@ -162,14 +162,18 @@ def _model_config(cfg: PretrainConfig, data) -> tuple[BertConfig, Path | None]:
 
 
 def _collator(cfg: PretrainConfig, data):
+    from fastbert import masking
     from fastbert.data import MLMCollator
 
-    return MLMCollator(
-        mask_token_id=data.mask_token_id, vocab_size=data.vocab_size, special_token_ids=data.special_token_ids,
-        pad_token_id=data.pad_token_id, max_len=cfg.seq_len, mlm_probability=cfg.mlm_probability,
-        whole_word_mask=cfg.whole_word_mask, packing=cfg.packing, pad_to_multiple_of=8,
-        word_starts_table=data.word_starts_table() if cfg.whole_word_mask else None,
-    )
+    # [UNK] is masked like any other token, as in BERT; the other special tokens never are.
+    special = tuple(i for i in data.special_token_ids if i != data.unk_id)
+    is_continuation = None
+    if cfg.whole_word_mask:
+        is_continuation = masking.continuation_table(masking.read_vocab(Path(data.data_dir) / "vocab.txt"))
+    return MLMCollator(vocab_size=data.vocab_size, mask_token_id=data.mask_id, pad_token_id=data.pad_id,
+                       special_token_ids=special, is_continuation=is_continuation, max_len=cfg.seq_len,
+                       pad_to_multiple_of=8, mlm_probability=cfg.mlm_probability,
+                       whole_word_mask=cfg.whole_word_mask, packing=cfg.packing)
 
 
 class _IndexedDataset(torch.utils.data.Dataset):
@@ -333,8 +337,8 @@ def _export_final(out: Path, model, data) -> Path:
     staging = out / ".final-tmp"
     shutil.rmtree(staging, ignore_errors=True)
     _unwrap(model).save_pretrained(staging)
-    for name in data.tokenizer_files:
-        shutil.copy2(Path(data.data_dir) / name, staging / Path(name).name)
+    for path in data.tokenizer_files:
+        shutil.copy2(Path(data.data_dir) / path, staging / Path(path).name)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     return final
