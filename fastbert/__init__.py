@@ -4,6 +4,7 @@ Importing fastbert imports torch only: no triton, no CUDA query, no build. Kerne
 extension load lazily the first time an op needs them.
 """
 from fastbert import backend, ops
+from fastbert import masking
 from fastbert.config import BertConfig
 from fastbert.hf import patch_hf, patch_hf_classes
 from fastbert.modeling import (

@@ -1,0 +1,263 @@
+#include "masking.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace fastbert {
+
+namespace {
+
+constexpr int64_t kIgnoreIndex = -100;  // what torch's cross_entropy skips
+constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;  // 2^64 / golden ratio: the splitmix64 increment
+constexpr double kTwoTo32 = 4294967296.0;
+
+// splitmix64's output function: a bijective 64-bit mixer, good enough to turn a counter into
+// independent-looking uniform bits.
+inline uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// Counter-based random bits for one row: every (seed, row, position) gets its own draws, computed
+// from nothing else, so the output is the same whatever thread handles the row.
+class RowDraws {
+ public:
+  RowDraws(uint64_t seed, int64_t row)
+      : key_(mix64(mix64(seed) + kGolden * (static_cast<uint64_t>(row) + 1))) {}
+
+  // High 32 bits: the selection draw; low 32 bits: the 80/10/10 draw.
+  uint64_t token(int64_t pos) const { return mix64(key_ + kGolden * (2 * static_cast<uint64_t>(pos) + 1)); }
+  // The draw that picks the random replacement id (only needed for the few "random" tokens).
+  uint32_t pick(int64_t pos) const {
+    return static_cast<uint32_t>(mix64(key_ + kGolden * (2 * static_cast<uint64_t>(pos) + 2)) >> 32);
+  }
+
+ private:
+  uint64_t key_;
+};
+
+// A probability as a threshold on a 32-bit uniform draw u: the event is u < threshold.
+// floor(p * 2^32) is exact in double arithmetic, so Python computes the same number.
+uint64_t threshold(double p) { return static_cast<uint64_t>(std::floor(p * kTwoTo32)); }
+
+void check_ids(const at::Tensor& ids, const char* name) {
+  TORCH_CHECK(ids.device().is_cpu(), "mask_tokens: ", name, " must be a CPU tensor, got ", ids.device());
+  TORCH_CHECK(ids.scalar_type() == at::kLong, "mask_tokens: ", name, " must be int64, got ", ids.scalar_type());
+  TORCH_CHECK(ids.dim() == 2, "mask_tokens: ", name, " must be 2-D (batch, seqlen), got ", ids.dim(), "-D");
+}
+
+// The fewest rows worth handing to a thread: waking one costs about as much as masking ~8k tokens,
+// so small batches stay on the calling thread.
+int64_t row_grain(int64_t seqlen) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, seqlen)); }
+
+// Raises a ValueError naming the first out-of-range id (first_bad[b] = its column in row b, or -1).
+void check_ids_in_range(const std::vector<int64_t>& first_bad, const at::Tensor& ids, int64_t vocab_size) {
+  const int64_t* data = ids.data_ptr<int64_t>();
+  const int64_t seqlen = ids.size(1);
+  for (size_t b = 0; b < first_bad.size(); ++b) {
+    if (first_bad[b] >= 0) {
+      TORCH_CHECK_VALUE(false, "input_ids[", b, ", ", first_bad[b], "] = ", data[b * seqlen + first_bad[b]],
+                        " is outside the vocabulary [0, ", vocab_size, ")");
+    }
+  }
+}
+
+struct MaskingRule {
+  const uint8_t* is_special;     // (vocab_size,) 1 = never selected, never a replacement
+  const int64_t* replacements;   // the non-special ids, ascending
+  uint64_t num_replacements;
+  int64_t vocab_size;
+  int64_t mask_token_id;
+  uint64_t select_below;         // selection draw < this → selected
+  uint64_t mask_below;           // 80/10/10 draw < this → [MASK]
+  uint64_t random_below;         // else draw < this → random id; else unchanged
+};
+
+// Writes one token's masked id and label. Branch-free but for the rare random replacement: whether a
+// token is selected is a coin flip the CPU cannot predict, and a mispredicted branch per token cost
+// more than the masking itself.
+inline void write_token(const MaskingRule& rule, const RowDraws& draws, int64_t pos, uint64_t draw, int64_t id,
+                        bool selected, int64_t* out, int64_t* labels) {
+  const uint64_t action = draw & 0xFFFFFFFFull;
+  const bool to_mask = selected & (action < rule.mask_below);  // bitwise: no short-circuit branches
+  labels[pos] = selected ? id : kIgnoreIndex;
+  out[pos] = to_mask ? rule.mask_token_id : id;
+  if (__builtin_expect(selected & !to_mask & (action < rule.random_below), 0)) {
+    // Lemire's multiply-shift maps a 32-bit draw onto [0, n) without a division.
+    out[pos] = rule.replacements[(static_cast<uint64_t>(draws.pick(pos)) * rule.num_replacements) >> 32];
+  }
+}
+
+inline bool out_of_vocab(const MaskingRule& rule, int64_t id) {
+  return __builtin_expect(static_cast<uint64_t>(id) >= static_cast<uint64_t>(rule.vocab_size), 0);
+}
+
+// One row, one Bernoulli draw per token. Returns the first out-of-range column, or -1.
+int64_t mask_row(const MaskingRule& rule, const RowDraws& draws, const int64_t* in, int64_t* out,
+                 int64_t* labels, int64_t seqlen) {
+  for (int64_t t = 0; t < seqlen; ++t) {
+    const int64_t id = in[t];
+    if (out_of_vocab(rule, id)) return t;
+    const uint64_t draw = draws.token(t);
+    const bool selected = !rule.is_special[id] & ((draw >> 32) < rule.select_below);
+    write_token(rule, draws, t, draw, id, selected, out, labels);
+  }
+  return -1;
+}
+
+// One row, one Bernoulli draw per word (taken at its first piece); every piece of a selected word
+// gets its own 80/10/10 draw, as in Google's BERT. A special token ends the current word, and a
+// continuation piece with no word to continue starts one.
+int64_t mask_row_whole_word(const MaskingRule& rule, const RowDraws& draws, const int64_t* in,
+                            const bool* starts, int64_t* out, int64_t* labels, int64_t seqlen) {
+  bool in_word = false;
+  bool word_selected = false;
+  for (int64_t t = 0; t < seqlen; ++t) {
+    const int64_t id = in[t];
+    if (out_of_vocab(rule, id)) return t;
+    const uint64_t draw = draws.token(t);
+    const bool special = rule.is_special[id];
+    const bool new_word = starts[t] | !in_word;
+    word_selected = new_word ? (draw >> 32) < rule.select_below : word_selected;
+    in_word = !special;
+    write_token(rule, draws, t, draw, id, !special & word_selected, out, labels);
+  }
+  return -1;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> mask_tokens(const at::Tensor& input_ids, const at::Tensor& special_ids,
+                                               int64_t mask_token_id, int64_t vocab_size, double mlm_probability,
+                                               double mask_ratio, double random_ratio,
+                                               const std::optional<at::Tensor>& word_starts, uint64_t seed) {
+  check_ids(input_ids, "input_ids");
+  TORCH_CHECK_VALUE(vocab_size > 0 && vocab_size <= std::numeric_limits<int32_t>::max(),
+                    "mask_tokens: vocab_size must be in [1, 2^31), got ", vocab_size);
+  TORCH_CHECK_VALUE(mask_token_id >= 0 && mask_token_id < vocab_size, "mask_tokens: mask_token_id ",
+                    mask_token_id, " is outside the vocabulary [0, ", vocab_size, ")");
+  for (double p : {mlm_probability, mask_ratio, random_ratio}) {
+    TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "mask_tokens: probabilities must be in [0, 1], got ", p);
+  }
+  TORCH_CHECK_VALUE(threshold(mask_ratio) + threshold(random_ratio) <= threshold(1.0),
+                    "mask_tokens: mask_ratio + random_ratio must be <= 1, got ", mask_ratio, " + ", random_ratio);
+  TORCH_CHECK(special_ids.device().is_cpu() && special_ids.scalar_type() == at::kLong && special_ids.dim() == 1,
+              "mask_tokens: special_ids must be a 1-D int64 CPU tensor");
+
+  const at::Tensor ids = input_ids.contiguous();
+  const int64_t batch = ids.size(0);
+  const int64_t seqlen = ids.size(1);
+
+  at::Tensor starts;
+  if (word_starts.has_value()) {
+    starts = word_starts->contiguous();
+    TORCH_CHECK(starts.device().is_cpu() && starts.scalar_type() == at::kBool,
+                "mask_tokens: word_starts must be a bool CPU tensor");
+    TORCH_CHECK_VALUE(starts.sizes() == ids.sizes(), "mask_tokens: word_starts has shape ", starts.sizes(),
+                      " but input_ids has shape ", ids.sizes());
+  }
+
+  std::vector<uint8_t> is_special(vocab_size, 0);
+  const at::Tensor specials = special_ids.contiguous();
+  const int64_t* special = specials.data_ptr<int64_t>();
+  for (int64_t i = 0; i < specials.numel(); ++i) {
+    TORCH_CHECK_VALUE(special[i] >= 0 && special[i] < vocab_size, "mask_tokens: special token id ", special[i],
+                      " is outside the vocabulary [0, ", vocab_size, ")");
+    is_special[special[i]] = 1;
+  }
+  is_special[mask_token_id] = 1;
+  std::vector<int64_t> replacements;
+  replacements.reserve(vocab_size);
+  for (int64_t id = 0; id < vocab_size; ++id) {
+    if (!is_special[id]) replacements.push_back(id);
+  }
+  TORCH_CHECK_VALUE(!replacements.empty() || threshold(random_ratio) == 0,
+                    "mask_tokens: random_ratio > 0 but every id in the vocabulary is special");
+
+  const MaskingRule rule{is_special.data(),
+                         replacements.data(),
+                         static_cast<uint64_t>(replacements.size()),
+                         vocab_size,
+                         mask_token_id,
+                         threshold(mlm_probability),
+                         threshold(mask_ratio),
+                         threshold(mask_ratio) + threshold(random_ratio)};
+
+  at::Tensor masked = at::empty_like(ids);
+  at::Tensor labels = at::empty_like(ids);
+  const int64_t* in = ids.data_ptr<int64_t>();
+  int64_t* out = masked.data_ptr<int64_t>();
+  int64_t* lab = labels.data_ptr<int64_t>();
+  const bool* start = starts.defined() ? starts.data_ptr<bool>() : nullptr;
+  std::vector<int64_t> first_bad(batch, -1);
+
+  at::parallel_for(0, batch, row_grain(seqlen), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t offset = b * seqlen;
+      const RowDraws draws(seed, b);
+      first_bad[b] = start == nullptr
+                         ? mask_row(rule, draws, in + offset, out + offset, lab + offset, seqlen)
+                         : mask_row_whole_word(rule, draws, in + offset, start + offset, out + offset,
+                                               lab + offset, seqlen);
+    }
+  });
+  check_ids_in_range(first_bad, ids, vocab_size);
+  return {masked, labels};
+}
+
+at::Tensor masking_draws(uint64_t seed, int64_t batch, int64_t seqlen) {
+  TORCH_CHECK_VALUE(batch >= 0 && seqlen >= 0, "masking_draws: batch and seqlen must be >= 0");
+  at::Tensor draws = at::empty({batch, seqlen, 3}, at::dtype(at::kLong));
+  int64_t* out = draws.data_ptr<int64_t>();
+  at::parallel_for(0, batch, row_grain(seqlen), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const RowDraws row(seed, b);
+      for (int64_t t = 0; t < seqlen; ++t) {
+        const uint64_t draw = row.token(t);
+        int64_t* cell = out + (b * seqlen + t) * 3;
+        cell[0] = static_cast<int64_t>(draw >> 32);
+        cell[1] = static_cast<int64_t>(draw & 0xFFFFFFFFull);
+        cell[2] = static_cast<int64_t>(row.pick(t));
+      }
+    }
+  });
+  return draws;
+}
+
+at::Tensor word_starts(const at::Tensor& input_ids, const at::Tensor& is_continuation) {
+  check_ids(input_ids, "input_ids");
+  TORCH_CHECK(is_continuation.device().is_cpu() && is_continuation.scalar_type() == at::kBool &&
+                  is_continuation.dim() == 1,
+              "word_starts: is_continuation must be a 1-D bool CPU tensor (one entry per vocabulary id)");
+  const at::Tensor ids = input_ids.contiguous();
+  const at::Tensor table = is_continuation.contiguous();
+  const int64_t vocab_size = table.numel();
+  const int64_t batch = ids.size(0);
+  const int64_t seqlen = ids.size(1);
+  at::Tensor starts = at::empty(ids.sizes(), ids.options().dtype(at::kBool));
+  const int64_t* in = ids.data_ptr<int64_t>();
+  const bool* continuation = table.data_ptr<bool>();
+  bool* out = starts.data_ptr<bool>();
+  std::vector<int64_t> first_bad(batch, -1);
+
+  at::parallel_for(0, batch, row_grain(seqlen), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t t = 0; t < seqlen; ++t) {
+        const int64_t id = in[b * seqlen + t];
+        if (static_cast<uint64_t>(id) >= static_cast<uint64_t>(vocab_size)) {
+          first_bad[b] = t;
+          break;
+        }
+        out[b * seqlen + t] = !continuation[id];
+      }
+    }
+  });
+  check_ids_in_range(first_bad, ids, vocab_size);
+  return starts;
+}
+
+}  // namespace fastbert
