@@ -185,7 +185,10 @@ class MLMCollator:
         self._calls += 1
         return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
 
-    def __call__(self, examples: Sequence[Any]) -> dict[str, torch.Tensor | int]:
+    def __call__(self, examples: Sequence[Any], *, seed: int | None = None) -> dict[str, torch.Tensor | int]:
+        """One batch. ``seed`` (optional) fixes this batch's masks regardless of the collator's own seed
+        stream: a trainer that derives it from the batch's sample indices gets masks that a resumed run
+        reproduces whatever the worker count."""
         if not isinstance(examples, Sequence) or isinstance(examples, (str, bytes)) or not examples:
             raise ValueError("MLMCollator needs a non-empty list of examples")
         ids, types, labels = [], [], []
@@ -235,7 +238,7 @@ class MLMCollator:
             input_ids, mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
             special_token_ids=self.special_token_ids, mlm_probability=self.mlm_probability,
             mask_ratio=self.mask_ratio, random_ratio=self.random_ratio, word_starts=word_starts,
-            seed=self._next_seed(),
+            seed=self._next_seed() if seed is None else seed,
         )
         batch: dict[str, torch.Tensor | int] = {"input_ids": masked_ids, "attention_mask": attention_mask,
                                                  "token_type_ids": token_type_ids, "labels": mlm_labels}

@@ -203,10 +203,12 @@ class _SeededCollate:
         return self.collator([example for _, example in items], seed=batch_seed)
 
 
-def _loader(dataset, collate, cfg: PretrainConfig, sampler, device: torch.device):
+def _loader(dataset, collate, cfg: PretrainConfig, sampler, device: torch.device, rank: int):
     workers = cfg.num_workers
+    # Its own generator: creating the iterator must not draw from the global RNG (the dropout stream).
+    generator = torch.Generator().manual_seed(cfg.seed * 1009 + rank)
     return torch.utils.data.DataLoader(
-        _IndexedDataset(dataset), batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
+        _IndexedDataset(dataset), batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, generator=generator,
         num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None, drop_last=True,
     )
@@ -402,7 +404,6 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> PretrainResult
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         step = state["step"]
-        ckpt.set_rng_state(torch.load(resumed.path / ckpt.rng_file(info.rank), weights_only=False))
         _log(info, f"resumed from {resumed.path} at step {step}")
     train_model = model
     if info.distributed:
@@ -419,7 +420,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> PretrainResult
     samples_per_step = cfg.batch_size * cfg.grad_accum
     sampler = PretrainSampler(len(train_set), seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                               start_index=step * samples_per_step)
-    batches = iter(_loader(train_set, collate, cfg, sampler, device))
+    batches = iter(_loader(train_set, collate, cfg, sampler, device, info.rank))
     eval_batches = []
     if cfg.eval_batches:
         eval_set = BertPairDataset(data.data_dir, cfg.seq_len, short_seq_prob=cfg.short_seq_prob, seed=cfg.seed,
@@ -429,6 +430,9 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> PretrainResult
         eval_batches = [eval_collate([(i, eval_set[i]) for i in range(s, min(s + cfg.batch_size, n))])
                         for s in range(0, n, cfg.batch_size)]
 
+    if resumed is not None:
+        # Last thing before the loop, so that nothing in the set-up above shifts the dropout stream.
+        ckpt.set_rng_state(torch.load(resumed.path / ckpt.rng_file(info.rank), weights_only=False))
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     params = [p for p in model.parameters() if p.requires_grad]
     peak = peak_tflops(device)

@@ -1,0 +1,181 @@
+"""End-to-end pre-training on the CPU: loss falls, exact resume, atomic/corrupt checkpoints, DDP, export."""
+import json
+import os
+import random
+import socket
+
+import pytest
+import torch
+
+from fastbert.cli import main as cli_main
+from fastbert.pretrain import checkpoint as ckpt
+from fastbert.pretrain.trainer import PretrainConfig, pretrain
+
+NOUNS = ["cat", "dog", "bird", "horse", "child", "teacher", "farmer", "river", "garden", "city"]
+VERBS = ["sees", "follows", "likes", "finds", "watches", "helps"]
+ADJECTIVES = ["small", "old", "quiet", "happy", "green", "tall"]
+
+
+def write_corpus(path, documents=60, sentences=8, seed=0):
+    """Template English: learnable (agreement of articles, nouns after adjectives), varied enough for NSP."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(documents):
+        topic = rng.choice(NOUNS)
+        for _ in range(sentences):
+            lines.append(f"the {rng.choice(ADJECTIVES)} {topic} {rng.choice(VERBS)} a {rng.choice(NOUNS)} "
+                         f"near the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} .")
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from fastbert.data import prepare_corpus
+
+    root = tmp_path_factory.mktemp("pretrain-data")
+    prepare_corpus([write_corpus(root / "corpus.txt")], root / "data", vocab_size=200)
+    return root / "data"
+
+
+def config(out, data_dir, **overrides):
+    options = dict(model="bert-tiny", data=str(data_dir), out=str(out), batch_size=8, seq_len=64, max_steps=8,
+                   log_every=1, save_every=1000, eval_every=1000, eval_batches=2, num_workers=0, progress=False,
+                   lr=3e-3, warmup=0.1, seed=3)
+    options.update(overrides)
+    return PretrainConfig(**options)
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_logs_and_exports(tmp_path, data_dir):
+    result = pretrain(config(tmp_path, data_dir, max_steps=40, eval_every=40, lr=1e-2))
+    losses = result.losses
+    assert len(losses) == 40 and all(map(lambda x: x == x, losses))
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses
+    records = read_metrics(tmp_path)
+    step_records = [r for r in records if "loss" in r]
+    assert {"step", "loss", "mlm_loss", "nsp_loss", "lr", "tokens_per_s", "grad_norm"} <= set(step_records[0])
+    assert [r["step"] for r in step_records] == list(range(1, 41))
+    assert all(r["tokens_per_s"] > 0 for r in step_records)
+    evals = [r for r in records if "mlm_accuracy" in r]
+    assert evals and 0.0 <= evals[-1]["mlm_accuracy"] <= 1.0 and 0.0 <= evals[-1]["nsp_accuracy"] <= 1.0
+    assert evals[-1]["mlm_accuracy"] > 0.1  # template text: far above chance (1/200) after 40 steps
+    final = result.final_dir
+    assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer.json"} <= {p.name for p in final.iterdir()}
+    assert [p.name for _, p in ckpt.step_dirs(tmp_path / "checkpoints")] == ["step_40"]
+
+
+def test_exported_model_loads_in_transformers(tmp_path, data_dir):
+    transformers = pytest.importorskip("transformers")
+    import fastbert
+
+    result = pretrain(config(tmp_path, data_dir, max_steps=3))
+    tokenizer = transformers.BertTokenizerFast.from_pretrained(result.final_dir)
+    hf = transformers.BertForPreTraining.from_pretrained(result.final_dir, attn_implementation="eager").eval()
+    ours = fastbert.BertForPreTraining.from_pretrained(result.final_dir, strict=True)
+    batch = tokenizer(["the old cat sees a dog near the river .", "a tall teacher ."], padding=True,
+                      return_tensors="pt")
+    with torch.no_grad():
+        a = ours(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        b = hf(**batch)
+    real = batch["attention_mask"].bool()
+    assert (a.prediction_logits - b.prediction_logits)[real].abs().max() < 1e-4
+    assert (a.seq_relationship_logits - b.seq_relationship_logits).abs().max() < 1e-4
+
+
+def test_resume_is_exact(tmp_path, data_dir):
+    straight = pretrain(config(tmp_path / "straight", data_dir))
+    # Paused half-way (as an interrupt would), then resumed with DataLoader workers this time:
+    # neither the pause nor the worker count may change a single loss.
+    first = pretrain(config(tmp_path / "paused", data_dir, stop_at=4))
+    assert first.steps_done == 4 and not first.interrupted and first.final_dir is None
+    second = pretrain(config(tmp_path / "paused", data_dir, resume=True, num_workers=2))
+    assert first.losses + second.losses == straight.losses
+    assert second.param_checksum == straight.param_checksum
+
+
+def test_save_killed_midway_keeps_previous_checkpoint(tmp_path, data_dir, monkeypatch):
+    real_save = torch.save
+
+    def dies_on_step_4(obj, path, *args, **kwargs):
+        if str(path).endswith(ckpt.TRAINER_STATE) and obj.get("step") == 4:
+            raise KeyboardInterrupt  # the process is killed while writing
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dies_on_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(config(tmp_path, data_dir, max_steps=6, save_every=2))
+    monkeypatch.undo()
+    steps = [s for s, _ in ckpt.step_dirs(tmp_path / "checkpoints")]
+    assert steps == [2]
+    loaded = ckpt.latest_valid(tmp_path / "checkpoints", warn=print)
+    assert loaded.step == 2
+    result = pretrain(config(tmp_path, data_dir, max_steps=6, save_every=2, resume=True))
+    assert result.steps_done == 6
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # the half-written save was cleaned up
+
+
+def test_corrupt_newest_checkpoint_is_reported_and_skipped(tmp_path, data_dir, capsys):
+    pretrain(config(tmp_path, data_dir, max_steps=4, save_every=2))
+    (tmp_path / "checkpoints" / "step_4" / ckpt.TRAINER_STATE).write_bytes(b"garbage")
+    result = pretrain(config(tmp_path, data_dir, max_steps=6, save_every=2, resume=True))
+    err = capsys.readouterr().err
+    assert "step_4" in err and "corrupt" in err and "resumed from" in err and "step_2" in err
+    assert result.steps_done == 6
+
+    for _, path in ckpt.step_dirs(tmp_path / "checkpoints"):
+        (path / "model.safetensors").write_bytes(b"junk")
+    with pytest.raises(ckpt.CheckpointError, match="all are corrupt"):
+        pretrain(config(tmp_path, data_dir, max_steps=8, resume=True))
+
+
+def test_refuses_unsafe_or_bad_runs(tmp_path, data_dir):
+    pretrain(config(tmp_path, data_dir, max_steps=2))
+    with pytest.raises(ValueError, match="--resume"):
+        pretrain(config(tmp_path, data_dir, max_steps=2))
+    with pytest.raises(ValueError, match="different model config"):
+        pretrain(config(tmp_path, data_dir, max_steps=4, resume=True, model="bert-mini"))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        pretrain(config(tmp_path / "b", data_dir, seq_len=1024))
+    with pytest.raises(ValueError, match="fp16 needs a CUDA"):
+        pretrain(config(tmp_path / "c", data_dir, precision="fp16", device="cpu"))
+    with pytest.raises(ValueError, match="--stop-at"):
+        pretrain(config(tmp_path / "d", data_dir, stop_at=99))
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert cli_main(["pretrain", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert cli_main(["pretrain", "--corpus", str(empty), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 2
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_rank(rank, world_size, port, out, data_dir, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    result = pretrain(config(out, data_dir, max_steps=3, device="cpu"))
+    (result_dir / f"rank{rank}.json").write_text(json.dumps({"checksum": result.param_checksum,
+                                                              "losses": result.losses}))
+
+
+def test_two_process_ddp_ranks_agree(tmp_path, data_dir):
+    results = tmp_path / "results"
+    results.mkdir()
+    torch.multiprocessing.spawn(_ddp_rank, args=(2, _free_port(), tmp_path / "run", data_dir, results), nprocs=2)
+    r0, r1 = (json.loads((results / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["checksum"] == r1["checksum"]  # DDP kept the replicas identical
+    assert r0["losses"] != r1["losses"]  # each rank trained on its own slice of the data
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
