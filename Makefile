@@ -1,13 +1,14 @@
-# make demo  — set up .venv and run the demo (the main job)
-# make test  — set up .venv and run the test suite (what CI runs)
-# CUDA users: make demo TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128" (or any CUDA build)
+# make pretrain — set up .venv and pre-train bert-tiny on the built-in corpus (the main job, a few minutes)
+# make test     — set up .venv and run the test suite (what CI runs)
+# make demo     — encode sentences with a real pre-trained BERT (MiniLM) and print shapes and timing
+# CUDA users: make pretrain TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128" (or any CUDA build)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastbert-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install pretrain demo test bench clean
 
 $(STAMP): setup.py pyproject.toml requirements/test.txt $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +23,14 @@ $(STAMP): setup.py pyproject.toml requirements/test.txt $(wildcard csrc/*.cpp cs
 
 install: $(STAMP)
 
+pretrain: $(STAMP)
+	$(VENV)/bin/fastbert pretrain --out runs/pretrain-bert-tiny --resume $(ARGS)
+
 demo: $(STAMP)
 	$(VENV)/bin/fastbert demo
+
+bench: $(STAMP)
+	$(VENV)/bin/fastbert bench $(ARGS)
 
 test: $(STAMP)
 	@$(PY) -m pytest -q; rc=$$?; \

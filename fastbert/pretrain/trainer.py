@@ -38,7 +38,7 @@ class PretrainConfig:
     corpus: list[str] | None = None          # text/jsonl/datasets paths or ["builtin"]; prepared into OUT/data
     data: str | None = None                  # an already prepared data dir (fastbert prepare)
     out: str = "runs/pretrain"
-    max_steps: int = 600
+    max_steps: int = 1000
     batch_size: int = 32                     # per device, per micro-step
     grad_accum: int = 1
     seq_len: int = 128
