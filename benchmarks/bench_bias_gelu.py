@@ -14,7 +14,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from .common import DTYPES, Row, format_table, peak_memory_mb, time_fn
+from .common import DTYPES, ROTATE_BYTES, Row, format_table, fwd_bwd_modes, peak_memory_mb, time_fn
 from fastbert import backend, ops
 
 OP = "bias_gelu"
@@ -22,7 +22,6 @@ OP = "bias_gelu"
 CUDA_SHAPES = [(16384, 768), (16384, 1024), (16384, 3072), (16384, 4096)]
 CPU_SHAPES = [(512, 3072)]
 CPU_QUICK_SHAPES = [(48, 96)]
-ROTATE_BYTES = 3 * 60 * 2**20  # one pass over the rotated inputs overflows the H200's 60 MB L2
 
 
 def eager(x, bias):
@@ -32,34 +31,6 @@ def eager(x, bias):
 def fused(x, bias):
     with backend.use("triton"):
         return ops.bias_gelu(x, bias)
-
-
-class _Cycle:
-    """Calls ``body(item)`` on the next item each time: successive calls never hit the same inputs in L2."""
-
-    def __init__(self, items, body):
-        self.items, self.body, self.i = items, body, 0
-
-    def __call__(self):
-        self.i = (self.i + 1) % len(self.items)
-        return self.body(self.items[self.i])
-
-
-def _modes(fn, sets):
-    def forward(s):
-        return fn(s[0], s[1])
-
-    def forward_backward(s):
-        return torch.autograd.grad(forward(s), s[:2], s[2])
-
-    outputs = [(forward(s), s) for s in sets]
-
-    def backward(item):
-        y, s = item
-        return torch.autograd.grad(y, s[:2], s[2], retain_graph=True)
-
-    return [("fwd", _Cycle(sets, forward)), ("bwd", _Cycle(outputs, backward)),
-            ("fwd+bwd", _Cycle(sets, forward_backward))]
 
 
 def _bytes(m, n, elem, mode):
@@ -89,7 +60,7 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
         else:
             rows.append(Row.unsupported(OP, "compile", "all", dtype, shape, "measured on CUDA only"))
         for provider, fn in providers:
-            for mode, call in _modes(fn, sets):
+            for mode, call in fwd_bwd_modes(fn, sets):
                 call()  # warm-up: compiles
                 row = Row.measured(OP, provider, mode, dtype, shape, time_fn(call, device, quick=quick),
                                    bytes_moved=_bytes(m, n, elem, mode), peak_mem_mb=peak_memory_mb(call, device))

@@ -15,7 +15,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from .common import DTYPES, Row, format_table, peak_memory_mb, time_fn
+from .common import DTYPES, ROTATE_BYTES, Row, format_table, fwd_bwd_modes, peak_memory_mb, time_fn
 from fastbert import backend, ops
 
 OP = "layer_norm"
@@ -23,8 +23,6 @@ CUDA_SHAPES = [(16384, 768), (16384, 1024)]
 CPU_SHAPES = [(512, 768)]
 CPU_QUICK_SHAPES = [(48, 96)]
 DROPOUT_P = 0.1  # BERT's hidden dropout
-# Inputs rotate through enough copies that one pass over them overflows the H200's 60 MB L2.
-ROTATE_BYTES = 3 * 60 * 2**20
 EPS = 1e-12
 
 
@@ -46,36 +44,6 @@ def _input_sets(m, n, dtype, device, count):
         b = (0.1 * torch.randn(n, device=device)).to(dtype).requires_grad_()
         sets.append((x, r, w, b, torch.randn(m, n, device=device, dtype=dtype)))
     return sets
-
-
-class _Cycle:
-    """Calls ``body(item)`` on the next item each time: successive calls never hit the same inputs in L2."""
-
-    def __init__(self, items, body):
-        self.items, self.body, self.i = items, body, 0
-
-    def __call__(self):
-        self.i = (self.i + 1) % len(self.items)
-        return self.body(self.items[self.i])
-
-
-def _modes(fn, sets, dropout_p):
-    """(mode, callable) for fwd, bwd (on a retained graph) and fwd+bwd."""
-
-    def forward(s):
-        return fn(*s[:4], dropout_p)
-
-    def forward_backward(s):
-        return torch.autograd.grad(forward(s), s[:4], s[4])
-
-    outputs = [(forward(s), s) for s in sets]
-
-    def backward(item):
-        y, s = item
-        return torch.autograd.grad(y, s[:4], s[4], retain_graph=True)
-
-    return [("fwd", _Cycle(sets, forward)), ("bwd", _Cycle(outputs, backward)),
-            ("fwd+bwd", _Cycle(sets, forward_backward))]
 
 
 def _bytes(m, n, elem, mode, dropout_p):
@@ -105,7 +73,7 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
         else:
             rows.append(Row.unsupported(OP, "compile", "all", dtype, shape, "measured on CUDA only"))
         for provider, fn in providers:
-            for mode, call in _modes(fn, sets, DROPOUT_P):
+            for mode, call in fwd_bwd_modes(lambda x, r, w, b, fn=fn: fn(x, r, w, b, DROPOUT_P), sets):
                 call()  # warm-up: compiles, autotunes
                 row = Row.measured(OP, provider, mode, dtype, shape, time_fn(call, device, quick=quick),
                                    bytes_moved=_bytes(m, n, elem, mode, DROPOUT_P),

@@ -149,3 +149,40 @@ def format_table(rows: Iterable[Row]) -> str:
         gb = f"{r.gbps:8.1f}" if r.gbps is not None else f"{'':8}"
         lines.append(f"{r.op:<14} {r.provider:<14} {r.mode:<8} {r.dtype:<5} {r.shape:<28} {r.ms_median:9.4f} {tf} {gb}")
     return "\n".join(lines)
+
+
+# ---- elementwise / normalisation ops: fwd, bwd and fwd+bwd over rotating inputs ---------------------
+# Inputs rotate through enough copies that one pass over them overflows the H200's 60 MB L2.
+ROTATE_BYTES = 3 * 60 * 2**20
+
+
+class Cycle:
+    """Calls ``body(item)`` on the next item each time: successive calls never hit the same inputs in L2."""
+
+    def __init__(self, items, body):
+        self.items, self.body, self.i = items, body, 0
+
+    def __call__(self):
+        self.i = (self.i + 1) % len(self.items)
+        return self.body(self.items[self.i])
+
+
+def fwd_bwd_modes(fn: Callable, sets: list[tuple]) -> list[tuple[str, Callable[[], object]]]:
+    """(mode, timed callable) for "fwd", "bwd" (on a retained graph) and "fwd+bwd".
+
+    Each item of ``sets`` is ``(*inputs, grad_output)``: ``fn(*inputs)`` runs the op and the gradient
+    flows to every input."""
+
+    def forward(s):
+        return fn(*s[:-1])
+
+    def forward_backward(s):
+        return torch.autograd.grad(forward(s), s[:-1], s[-1])
+
+    outputs = [(forward(s), s) for s in sets]
+
+    def backward(item):
+        y, s = item
+        return torch.autograd.grad(y, s[:-1], s[-1], retain_graph=True)
+
+    return [("fwd", Cycle(sets, forward)), ("bwd", Cycle(outputs, backward)), ("fwd+bwd", Cycle(sets, forward_backward))]
