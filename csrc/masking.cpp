@@ -68,14 +68,24 @@ void check_ids_in_range(const std::vector<int64_t>& first_bad, const at::Tensor&
 
 struct MaskingRule {
   const uint8_t* is_special;     // (vocab_size,) 1 = never selected, never a replacement
-  const int64_t* replacements;   // the non-special ids, ascending
-  uint64_t num_replacements;
+  const int64_t* specials;       // the distinct special ids, ascending
+  int64_t num_specials;
+  uint64_t num_replacements;     // vocab_size - num_specials
   int64_t vocab_size;
   int64_t mask_token_id;
   uint64_t select_below;         // selection draw < this → selected
   uint64_t mask_below;           // 80/10/10 draw < this → [MASK]
   uint64_t random_below;         // else draw < this → random id; else unchanged
 };
+
+// The n-th non-special id in ascending order: n shifted past every special id at or below it (a
+// handful, and only for the ~1.5% random replacements; a table of all non-special ids cost a 240 KB
+// allocation per call).
+inline int64_t nth_replacement(const MaskingRule& rule, uint64_t n) {
+  int64_t id = static_cast<int64_t>(n);
+  for (int64_t i = 0; i < rule.num_specials && rule.specials[i] <= id; ++i) ++id;
+  return id;
+}
 
 // Writes one token's masked id and label with bit masks, not branches (but for the rare random
 // replacement): whether a token is selected is a coin flip no branch predictor can learn, and GCC
@@ -94,7 +104,7 @@ inline void write_token(const MaskingRule& rule, const RowDraws& draws, int64_t 
                              static_cast<uint64_t>(action - rule.mask_below < rule.random_below - rule.mask_below);
   if (__builtin_expect(to_random, 0)) {
     // Lemire's multiply-shift maps a 32-bit draw onto [0, n) without a division.
-    out[pos] = rule.replacements[(static_cast<uint64_t>(draws.pick(pos)) * rule.num_replacements) >> 32];
+    out[pos] = nth_replacement(rule, (static_cast<uint64_t>(draws.pick(pos)) * rule.num_replacements) >> 32);
   }
 }
 
@@ -180,17 +190,18 @@ std::tuple<at::Tensor, at::Tensor> mask_tokens(const at::Tensor& input_ids, cons
     is_special[special[i]] = 1;
   }
   is_special[mask_token_id] = 1;
-  std::vector<int64_t> replacements;
-  replacements.reserve(vocab_size);
+  std::vector<int64_t> sorted_specials;
   for (int64_t id = 0; id < vocab_size; ++id) {
-    if (!is_special[id]) replacements.push_back(id);
+    if (is_special[id]) sorted_specials.push_back(id);
   }
-  TORCH_CHECK_VALUE(!replacements.empty() || threshold(random_ratio) == 0,
+  const int64_t num_replacements = vocab_size - static_cast<int64_t>(sorted_specials.size());
+  TORCH_CHECK_VALUE(num_replacements > 0 || threshold(random_ratio) == 0,
                     "mask_tokens: random_ratio > 0 but every id in the vocabulary is special");
 
   const MaskingRule rule{is_special.data(),
-                         replacements.data(),
-                         static_cast<uint64_t>(replacements.size()),
+                         sorted_specials.data(),
+                         static_cast<int64_t>(sorted_specials.size()),
+                         static_cast<uint64_t>(num_replacements),
                          vocab_size,
                          mask_token_id,
                          threshold(mlm_probability),
