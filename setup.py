@@ -5,6 +5,7 @@ Install (torch first): pip install --no-build-isolation -e .
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -18,11 +19,15 @@ if os.environ.get("FASTBERT_SKIP_EXTENSION") != "1":
     except ImportError:
         print("fastbert: torch not found, skipping the C++ extension fastbert._C")
     else:
+        # ATen's OpenMP backend is header-inline: at::parallel_for runs serially unless the extension
+        # itself is compiled with OpenMP (libgomp is the one torch already loaded). Apple clang has none.
+        openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
         ext_modules.append(
             CppExtension(
                 name="fastbert._C",
                 sources=sorted(glob.glob("csrc/*.cpp")),
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
+                extra_compile_args={"cxx": ["-O3", "-std=c++17", *openmp]},
+                extra_link_args=openmp,
             )
         )
         cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)

@@ -68,8 +68,9 @@ void check_ids_in_range(const std::vector<int64_t>& first_bad, const at::Tensor&
 
 struct MaskingRule {
   const uint8_t* is_special;     // (vocab_size,) 1 = never selected, never a replacement
-  const int64_t* replacements;   // the non-special ids, ascending
-  uint64_t num_replacements;
+  const int64_t* specials;       // the distinct special ids, ascending
+  int64_t num_specials;
+  uint64_t num_replacements;     // vocab_size - num_specials
   int64_t vocab_size;
   int64_t mask_token_id;
   uint64_t select_below;         // selection draw < this → selected
@@ -77,18 +78,33 @@ struct MaskingRule {
   uint64_t random_below;         // else draw < this → random id; else unchanged
 };
 
-// Writes one token's masked id and label. Branch-free but for the rare random replacement: whether a
-// token is selected is a coin flip the CPU cannot predict, and a mispredicted branch per token cost
-// more than the masking itself.
+// The n-th non-special id in ascending order: n shifted past every special id at or below it (a
+// handful, and only for the ~1.5% random replacements; a table of all non-special ids cost a 240 KB
+// allocation per call).
+inline int64_t nth_replacement(const MaskingRule& rule, uint64_t n) {
+  int64_t id = static_cast<int64_t>(n);
+  for (int64_t i = 0; i < rule.num_specials && rule.specials[i] <= id; ++i) ++id;
+  return id;
+}
+
+// Writes one token's masked id and label with bit masks, not branches (but for the rare random
+// replacement): whether a token is selected is a coin flip no branch predictor can learn, and GCC
+// turned the equivalent ?: into branches.
 inline void write_token(const MaskingRule& rule, const RowDraws& draws, int64_t pos, uint64_t draw, int64_t id,
                         bool selected, int64_t* out, int64_t* labels) {
   const uint64_t action = draw & 0xFFFFFFFFull;
-  const bool to_mask = selected & (action < rule.mask_below);  // bitwise: no short-circuit branches
-  labels[pos] = selected ? id : kIgnoreIndex;
-  out[pos] = to_mask ? rule.mask_token_id : id;
-  if (__builtin_expect(selected & !to_mask & (action < rule.random_below), 0)) {
+  const bool to_mask = selected & (action < rule.mask_below);
+  const int64_t keep_label = static_cast<int64_t>(selected) - 1;  // all ones when not selected
+  const int64_t use_mask = -static_cast<int64_t>(to_mask);        // all ones when → [MASK]
+  labels[pos] = (id & ~keep_label) | (kIgnoreIndex & keep_label);
+  out[pos] = (rule.mask_token_id & use_mask) | (id & ~use_mask);
+  // One unsigned range test (action - mask_below wraps when action < mask_below): GCC split the
+  // three-way && into branches, one of which mispredicted on every selection draw.
+  const uint64_t to_random = static_cast<uint64_t>(selected) &
+                             static_cast<uint64_t>(action - rule.mask_below < rule.random_below - rule.mask_below);
+  if (__builtin_expect(to_random, 0)) {
     // Lemire's multiply-shift maps a 32-bit draw onto [0, n) without a division.
-    out[pos] = rule.replacements[(static_cast<uint64_t>(draws.pick(pos)) * rule.num_replacements) >> 32];
+    out[pos] = nth_replacement(rule, (static_cast<uint64_t>(draws.pick(pos)) * rule.num_replacements) >> 32);
   }
 }
 
@@ -96,9 +112,12 @@ inline bool out_of_vocab(const MaskingRule& rule, int64_t id) {
   return __builtin_expect(static_cast<uint64_t>(id) >= static_cast<uint64_t>(rule.vocab_size), 0);
 }
 
+// The row functions take the rule by value and the rows as __restrict__ pointers: otherwise every
+// store to out/labels may alias the rule, and GCC reloaded its fields from memory for each token.
+
 // One row, one Bernoulli draw per token. Returns the first out-of-range column, or -1.
-int64_t mask_row(const MaskingRule& rule, const RowDraws& draws, const int64_t* in, int64_t* out,
-                 int64_t* labels, int64_t seqlen) {
+int64_t mask_row(const MaskingRule rule, const RowDraws draws, const int64_t* __restrict__ in,
+                 int64_t* __restrict__ out, int64_t* __restrict__ labels, int64_t seqlen) {
   for (int64_t t = 0; t < seqlen; ++t) {
     const int64_t id = in[t];
     if (out_of_vocab(rule, id)) return t;
@@ -112,8 +131,9 @@ int64_t mask_row(const MaskingRule& rule, const RowDraws& draws, const int64_t* 
 // One row, one Bernoulli draw per word (taken at its first piece); every piece of a selected word
 // gets its own 80/10/10 draw, as in Google's BERT. A special token ends the current word, and a
 // continuation piece with no word to continue starts one.
-int64_t mask_row_whole_word(const MaskingRule& rule, const RowDraws& draws, const int64_t* in,
-                            const bool* starts, int64_t* out, int64_t* labels, int64_t seqlen) {
+int64_t mask_row_whole_word(const MaskingRule rule, const RowDraws draws, const int64_t* __restrict__ in,
+                            const bool* __restrict__ starts, int64_t* __restrict__ out,
+                            int64_t* __restrict__ labels, int64_t seqlen) {
   bool in_word = false;
   bool word_selected = false;
   for (int64_t t = 0; t < seqlen; ++t) {
@@ -122,7 +142,7 @@ int64_t mask_row_whole_word(const MaskingRule& rule, const RowDraws& draws, cons
     const uint64_t draw = draws.token(t);
     const bool special = rule.is_special[id];
     const bool new_word = starts[t] | !in_word;
-    word_selected = new_word ? (draw >> 32) < rule.select_below : word_selected;
+    word_selected = (new_word & ((draw >> 32) < rule.select_below)) | (!new_word & word_selected);
     in_word = !special;
     write_token(rule, draws, t, draw, id, !special & word_selected, out, labels);
   }
@@ -170,17 +190,18 @@ std::tuple<at::Tensor, at::Tensor> mask_tokens(const at::Tensor& input_ids, cons
     is_special[special[i]] = 1;
   }
   is_special[mask_token_id] = 1;
-  std::vector<int64_t> replacements;
-  replacements.reserve(vocab_size);
+  std::vector<int64_t> sorted_specials;
   for (int64_t id = 0; id < vocab_size; ++id) {
-    if (!is_special[id]) replacements.push_back(id);
+    if (is_special[id]) sorted_specials.push_back(id);
   }
-  TORCH_CHECK_VALUE(!replacements.empty() || threshold(random_ratio) == 0,
+  const int64_t num_replacements = vocab_size - static_cast<int64_t>(sorted_specials.size());
+  TORCH_CHECK_VALUE(num_replacements > 0 || threshold(random_ratio) == 0,
                     "mask_tokens: random_ratio > 0 but every id in the vocabulary is special");
 
   const MaskingRule rule{is_special.data(),
-                         replacements.data(),
-                         static_cast<uint64_t>(replacements.size()),
+                         sorted_specials.data(),
+                         static_cast<int64_t>(sorted_specials.size()),
+                         static_cast<uint64_t>(num_replacements),
                          vocab_size,
                          mask_token_id,
                          threshold(mlm_probability),

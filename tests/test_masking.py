@@ -140,6 +140,16 @@ def test_same_seed_same_result_different_seed_different(big_batch):
     assert torch.equal(huge[1], first[1])
 
 
+def test_strided_input_gives_the_same_result_as_contiguous(big_batch):
+    strided = big_batch[::3, ::2]
+    starts = random_word_starts(big_batch, 0.6)[::3, ::2]
+    assert not strided.is_contiguous() and not starts.is_contiguous()
+    for word_starts in (None, starts):
+        got = mask(strided, word_starts=word_starts, seed=8)
+        want = mask(strided.contiguous(), word_starts=None if word_starts is None else starts.contiguous(), seed=8)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("whole_word", [False, True])
 def test_thread_count_does_not_change_the_result(big_batch, whole_word):
     starts = random_word_starts(big_batch, 0.6) if whole_word else None
