@@ -21,13 +21,19 @@ from typing import Callable, Iterator
 
 import torch
 
-from benchmarks.common import Row, format_table, time_fn
+from .common import Row, format_table, time_fn
 from fastbert import masking
 from fastbert.data import MLMCollator
 
 VOCAB_SIZE = 30522
 PAD, UNK, CLS, SEP, MASK = 0, 100, 101, 102, 103
 BYTES_PER_TOKEN = 24
+OP = "masking"
+
+
+def provider_name(base: str, threads_used: int) -> str:
+    """``fastbert`` / ``hf_collator`` ... on one thread (what a DataLoader worker gets); ``_<n>t`` beyond."""
+    return base if threads_used == 1 else f"{base}_{threads_used}t"
 
 
 def synthetic_vocab() -> list[str]:
@@ -99,14 +105,14 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
     def measure(provider: str, mode: str, fn: Callable[[], object], count: int) -> None:
         with threads(count):
             timing = time_fn(fn, "cpu", quick=quick)
-        results.append(Row.measured("mask_tokens", provider, mode, "int64", shape, timing,
+        results.append(Row.measured(OP, provider, mode, "int64", shape, timing,
                                     bytes_moved=BYTES_PER_TOKEN * tokens))
 
     thread_counts = sorted({1, all_threads})
     for count in thread_counts:
-        measure(f"fastbert-{count}t", "mlm", lambda: masking.mask_tokens(ids, **options), count)
+        measure(provider_name("fastbert", count), "mlm", lambda: masking.mask_tokens(ids, **options), count)
         # Whole words: the C++ also derives the word starts from the vocabulary's "##" table here.
-        measure(f"fastbert-{count}t", "wwm",
+        measure(provider_name("fastbert", count), "wwm",
                 lambda: masking.mask_tokens(ids, word_starts=masking.word_starts(ids, table), **options), count)
 
     examples = [{"input_ids": row} for row in ids.tolist()]
@@ -119,25 +125,25 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
         hf_plain, hf_whole = hf_collators(vocab_path)
 
     if hf_plain is None:
-        results.append(Row.unsupported("mask_tokens", "hf-collator", "mlm", "int64", shape,
+        results.append(Row.unsupported(OP, "hf_collator", "mlm", "int64", shape,
                                        "transformers is not installed"))
     special = torch.isin(ids, torch.tensor([PAD, CLS, SEP]))
     offsets = offsets_for(ids, starts)
     for count in thread_counts:
         # Whole collator calls (pad a list of examples, then mask), as a DataLoader worker runs them.
-        measure(f"fb-collator-{count}t", "mlm", lambda: ours(examples), count)
-        measure(f"fb-collator-{count}t", "wwm", lambda: ours_whole(examples), count)
+        measure(provider_name("fastbert_collator", count), "mlm", lambda: ours(examples), count)
+        measure(provider_name("fastbert_collator", count), "wwm", lambda: ours_whole(examples), count)
         if hf_plain is None:
             continue
-        measure(f"hf-collator-{count}t", "mlm", lambda: hf_plain(examples), count)
+        measure(provider_name("hf_collator", count), "mlm", lambda: hf_plain(examples), count)
         # HF's masking alone, given the special-token mask: its best case, no per-row Python pass.
-        measure(f"hf-mask-{count}t", "mlm",
+        measure(provider_name("hf_mask", count), "mlm",
                 lambda: hf_plain.torch_mask_tokens(ids.clone(), special_tokens_mask=special), count)
         if hf_whole is None:
-            results.append(Row.unsupported("mask_tokens", f"hf-mask-{count}t", "wwm", "int64", shape,
+            results.append(Row.unsupported(OP, provider_name("hf_mask", count), "wwm", "int64", shape,
                                            "this transformers has no whole_word_mask option"))
         else:
-            measure(f"hf-mask-{count}t", "wwm", lambda: hf_whole.torch_mask_tokens(
+            measure(provider_name("hf_mask", count), "wwm", lambda: hf_whole.torch_mask_tokens(
                 ids.clone(), special_tokens_mask=special, offset_mapping=offsets), count)
     return results
 
@@ -156,10 +162,10 @@ def summary(rows: list[Row]) -> str:
         speeds = [tokens_per_second(r) for r in measured if r.provider.startswith(prefix) and r.mode == mode]
         return max(speeds, default=None)
 
-    lines = [f"{'provider':<16} {'mode':<5} {'M tokens/s':>11} {'x hf-collator':>14} {'x hf-mask':>10}"]
+    lines = [f"{'provider':<16} {'mode':<5} {'M tokens/s':>11} {'x hf_collator':>14} {'x hf_mask':>10}"]
     for r in measured:
         speed = tokens_per_second(r)
-        vs_collator, vs_mask = best("hf-collator", "mlm"), best("hf-mask", r.mode)
+        vs_collator, vs_mask = best("hf_collator", "mlm"), best("hf_mask", r.mode)
         lines.append(f"{r.provider:<16} {r.mode:<5} {speed / 1e6:11.1f} "
                      f"{speed / vs_collator if vs_collator else float('nan'):14.1f} "
                      f"{speed / vs_mask if vs_mask else float('nan'):10.1f}")

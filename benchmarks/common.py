@@ -140,14 +140,14 @@ def write_csv(rows: Iterable[Row], path: str | os.PathLike) -> Path:
 
 def format_table(rows: Iterable[Row]) -> str:
     """A fixed-width table for the terminal."""
-    lines = [f"{'op':<14} {'provider':<14} {'mode':<8} {'dtype':<5} {'shape':<28} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8}"]
+    lines = [f"{'op':<14} {'provider':<20} {'mode':<8} {'dtype':<5} {'shape':<28} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8}"]
     for r in rows:
         if r.note:
-            lines.append(f"{r.op:<14} {r.provider:<14} {r.mode:<8} {r.dtype:<5} {r.shape:<28} {r.note}")
+            lines.append(f"{r.op:<14} {r.provider:<20} {r.mode:<8} {r.dtype:<5} {r.shape:<28} {r.note}")
             continue
         tf = f"{r.tflops:8.2f}" if r.tflops is not None else f"{'':8}"
         gb = f"{r.gbps:8.1f}" if r.gbps is not None else f"{'':8}"
-        lines.append(f"{r.op:<14} {r.provider:<14} {r.mode:<8} {r.dtype:<5} {r.shape:<28} {r.ms_median:9.4f} {tf} {gb}")
+        lines.append(f"{r.op:<14} {r.provider:<20} {r.mode:<8} {r.dtype:<5} {r.shape:<28} {r.ms_median:9.4f} {tf} {gb}")
     return "\n".join(lines)
 
 

@@ -104,8 +104,10 @@ GOALS = (
          lambda rows, p: _ratio(rows, "model", "step", "hf_sdpa", "bert-base-uncased", "L=128 full")),
     Goal("seq512 real length mix: unpadded vs padded (fastbert)", 1.9, "x",
          lambda rows, p: _ratio(rows, "model", "step", "fastbert_padded", "bert-base-uncased", "L=512 mix")),
-    Goal("MLM masking vs HF DataCollatorForLanguageModeling", 30, "x",
-         lambda rows, p: _ratio(rows, "masking", "collate", "hf_collator")),
+    Goal("MLM masking (mask_tokens, 1 thread) vs HF DataCollatorForLanguageModeling", 30, "x",
+         lambda rows, p: _ratio(rows, "masking", "mlm", "hf_collator")),
+    Goal("MLMCollator (pad + mask, 1 thread) vs HF DataCollatorForLanguageModeling", 30, "x",
+         lambda rows, p: _ratio(rows, "masking", "mlm", "hf_collator", ours="fastbert_collator")),
     Goal("patched HF BERT-base seq512 mix vs HF SDPA", 2.0, "x",
          lambda rows, p: _ratio(rows, "patched_hf", "step", "hf_sdpa", "L512 ", "mix", ours="patched")),
 )

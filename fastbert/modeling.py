@@ -192,7 +192,11 @@ class BertPooler(nn.Module):
         self.activation = nn.Tanh()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.dense(hidden_states[:, 0]))
+        return self.pool(hidden_states[:, 0])
+
+    def pool(self, first_tokens: torch.Tensor) -> torch.Tensor:
+        """dense + tanh of each sequence's first ([CLS]) hidden state, (num_sequences, hidden)."""
+        return self.activation(self.dense(first_tokens))
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -412,27 +416,58 @@ class BertModel(BertPreTrainedModel):
             return self.unpad
         return varlen_preferred(hidden, self.config.hidden_size // self.config.num_attention_heads)
 
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None) -> torch.Tensor:
-        """The encoder's last hidden state, (batch, seq_len, hidden); zeros at padding when unpadded."""
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
+               cu_seqlens=None, max_seqlen=None, indices=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(last_hidden_state (batch, seq_len, hidden), first_tokens (num_sequences, hidden))``.
+
+        With ``cu_seqlens``/``max_seqlen``/``indices`` (the unpad metadata :class:`fastbert.data.MLMCollator`
+        computes on the CPU) the encoder runs unpadded on exactly those sequences: no device sync, and
+        packed rows (several sequences per row, ``position_ids`` restarting per sequence) attend only
+        within each sequence. ``first_tokens`` are then each sequence's [CLS]; otherwise row position 0.
+        Padding positions of the hidden state are zeros on the unpadded path.
+        """
         self.check_inputs(input_ids, attention_mask, token_type_ids, position_ids)
         hidden = self.embeddings(input_ids, token_type_ids, position_ids)
+        batch, seqlen = input_ids.shape
+        if cu_seqlens is not None:
+            _check_unpad_metadata(cu_seqlens, max_seqlen, indices, batch * seqlen)
+            tokens = ops.gather_tokens(hidden, indices)
+            tokens = self.encoder(tokens, AttentionInputs(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen))
+            return ops.pad_input(tokens, indices, batch, seqlen), tokens[cu_seqlens[:-1].long()]
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             attention_mask = attention_mask != 0
         if self._use_unpadded(attention_mask, hidden):
-            batch, seqlen = input_ids.shape
             hidden, indices, cu_seqlens, max_seqlen = ops.unpad_input(hidden, attention_mask)
             hidden = self.encoder(hidden, AttentionInputs(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen))
-            return ops.pad_input(hidden, indices, batch, seqlen)
-        return self.encoder(hidden, AttentionInputs(key_padding_mask=attention_mask))
+            sequence_output = ops.pad_input(hidden, indices, batch, seqlen)
+        else:
+            sequence_output = self.encoder(hidden, AttentionInputs(key_padding_mask=attention_mask))
+        return sequence_output, sequence_output[:, 0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> BaseModelOutputWithPooling:
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                indices: torch.Tensor | None = None) -> BaseModelOutputWithPooling:
         """input_ids: (batch, seq_len) int64; attention_mask: 1 = real token, 0 = padding;
-        token_type_ids: segment ids (0 = A, 1 = B). Returns last_hidden_state, pooler_output."""
-        sequence_output = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
-        pooled = self.pooler(sequence_output) if self.pooler is not None else None
+        token_type_ids: segment ids (0 = A, 1 = B). Returns last_hidden_state, pooler_output.
+        Optional unpad metadata (see :meth:`encode`): pooler_output is then one row per sequence."""
+        sequence_output, first_tokens = self.encode(input_ids, attention_mask, token_type_ids, position_ids,
+                                                    cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, indices=indices)
+        pooled = self.pooler.pool(first_tokens) if self.pooler is not None else None
         return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled)
+
+
+def _check_unpad_metadata(cu_seqlens, max_seqlen, indices, num_slots: int) -> None:
+    if indices is None or max_seqlen is None:
+        raise ValueError("cu_seqlens needs indices and max_seqlen too (the collator returns all three)")
+    check_tensor("indices", indices)
+    if indices.dtype != torch.int64 or indices.dim() != 1:
+        raise ValueError(f"indices must be 1-D int64, got {indices.dtype} of shape {tuple(indices.shape)}")
+    if value_checks_cheap(indices) and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_slots):
+        raise ValueError(f"indices must point into the batch's {num_slots} token slots")
+    if isinstance(cu_seqlens, torch.Tensor) and value_checks_cheap(cu_seqlens) and cu_seqlens.numel() > 1:
+        if bool(((cu_seqlens[1:] - cu_seqlens[:-1]) <= 0).any()):
+            raise ValueError("cu_seqlens must describe non-empty sequences (strictly increasing)")
 
 
 def _check_labels(name: str, labels: torch.Tensor, shape: tuple[int, ...], num_classes: int,
@@ -477,19 +512,22 @@ class BertForPreTraining(BertPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None,
-                next_sentence_label: torch.Tensor | None = None) -> BertForPreTrainingOutput:
+                labels: torch.Tensor | None = None, next_sentence_label: torch.Tensor | None = None, *,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                indices: torch.Tensor | None = None) -> BertForPreTrainingOutput:
         """labels: (batch, seq_len) original ids at masked positions, -100 elsewhere.
-        next_sentence_label: (batch,) 0 = B follows A, 1 = B is random. ``loss`` = mlm_loss + nsp_loss
-        (whichever labels are given)."""
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
+        next_sentence_label: (num_sequences,) 0 = B follows A, 1 = B is random — one per row, or one per
+        packed sequence with the unpad metadata (see :meth:`BertModel.encode`). ``loss`` = mlm_loss +
+        nsp_loss (whichever labels are given)."""
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens=cu_seqlens,
+                        max_seqlen=max_seqlen, indices=indices)
         sequence_output, pooled = out.last_hidden_state, out.pooler_output
         prediction_logits, mlm_loss = _masked_lm(self.cls.predictions, sequence_output, labels,
                                                  self.config.vocab_size)
         seq_relationship_logits = self.cls.seq_relationship(pooled)
         nsp_loss = None
         if next_sentence_label is not None:
-            _check_labels("next_sentence_label", next_sentence_label, (input_ids.shape[0],), 2, allow_ignore=False)
+            _check_labels("next_sentence_label", next_sentence_label, (pooled.shape[0],), 2, allow_ignore=False)
             nsp_loss = F.cross_entropy(seq_relationship_logits.float(), next_sentence_label)
         losses = [x for x in (mlm_loss, nsp_loss) if x is not None]
         return BertForPreTrainingOutput(
@@ -512,8 +550,10 @@ class BertForMaskedLM(BertPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> MaskedLMOutput:
-        sequence_output = self.bert(input_ids, attention_mask, token_type_ids, position_ids).last_hidden_state
+                labels: torch.Tensor | None = None, *, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None, indices: torch.Tensor | None = None) -> MaskedLMOutput:
+        sequence_output = self.bert(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens=cu_seqlens,
+                                    max_seqlen=max_seqlen, indices=indices).last_hidden_state
         logits, loss = _masked_lm(self.cls.predictions, sequence_output, labels, self.config.vocab_size)
         return MaskedLMOutput(loss=loss, logits=logits)
 

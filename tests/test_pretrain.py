@@ -179,3 +179,12 @@ def test_two_process_ddp_ranks_agree(tmp_path, data_dir):
     assert r0["checksum"] == r1["checksum"]  # DDP kept the replicas identical
     assert r0["losses"] != r1["losses"]  # each rank trained on its own slice of the data
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_packed_and_whole_word_runs(tmp_path, data_dir):
+    packed = pretrain(config(tmp_path / "packed", data_dir, max_steps=12, packing=True, lr=1e-2))
+    assert packed.steps_done == 12 and packed.losses[-1] < packed.losses[0]
+    records = [r for r in read_metrics(tmp_path / "packed") if "tokens_per_s" in r]
+    assert all(r["tokens_per_s"] > 0 for r in records)
+    whole = pretrain(config(tmp_path / "wwm", data_dir, max_steps=3, whole_word_mask=True))
+    assert whole.steps_done == 3 and all(x == x for x in whole.losses)

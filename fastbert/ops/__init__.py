@@ -3,7 +3,7 @@
 from fastbert.ops.attention import attention, attention_reference, attention_varlen, attention_varlen_reference
 from fastbert.ops.gelu import bias_gelu, bias_gelu_reference
 from fastbert.ops.layer_norm import dropout_add_layer_norm, dropout_add_layer_norm_reference
-from fastbert.ops.padding import pad_input, unpad_input, unpad_metadata, unpad_metadata_reference
+from fastbert.ops.padding import gather_tokens, pad_input, unpad_input, unpad_metadata, unpad_metadata_reference
 
 __all__ = [
     "attention",
@@ -14,6 +14,7 @@ __all__ = [
     "bias_gelu_reference",
     "dropout_add_layer_norm",
     "dropout_add_layer_norm_reference",
+    "gather_tokens",
     "pad_input",
     "unpad_input",
     "unpad_metadata",

@@ -100,6 +100,16 @@ def unpad_input(hidden: torch.Tensor, attention_mask: torch.Tensor
     return _GatherRows.apply(flat, indices), indices, cu_seqlens, max_seqlen
 
 
+def gather_tokens(hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The rows of ``hidden`` (batch, seqlen, ...) at flat positions ``indices`` → (total, ...), as
+    :func:`unpad_input` does with metadata computed elsewhere (e.g. by the data loader). Differentiable."""
+    check_tensor("hidden", hidden)
+    check_tensor("indices", indices)
+    if indices.dtype != torch.int64 or indices.dim() != 1:
+        raise ValueError(f"indices must be 1-D int64, got {indices.dtype} of shape {tuple(indices.shape)}")
+    return _GatherRows.apply(hidden.reshape(-1, *hidden.shape[2:]), indices)
+
+
 def pad_input(hidden_unpadded: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
     """Inverse of :func:`unpad_input`: (total, ...) → (batch, seqlen, ...), zeros at padding."""
     check_tensor("hidden_unpadded", hidden_unpadded)

@@ -16,9 +16,14 @@ from fastbert.config import BertConfig
 MEASURED_PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0}
 
 
-def training_flops(config: BertConfig, attention_mask: torch.Tensor, num_masked: int | torch.Tensor) -> float:
+def training_flops(config: BertConfig, attention_mask: torch.Tensor, num_masked: int | torch.Tensor,
+                   cu_seqlens: torch.Tensor | None = None) -> float:
+    """``cu_seqlens`` (packed batches): sequence lengths come from it, not from the rows."""
     h, layers = config.hidden_size, config.num_hidden_layers
-    lengths = attention_mask.sum(1).double()
+    if cu_seqlens is not None:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).double()
+    else:
+        lengths = attention_mask.sum(1).double()
     tokens = float(lengths.sum())
     per_layer_weights = 4 * h * h + 2 * h * config.intermediate_size
     encoder = 6 * tokens * layers * per_layer_weights

@@ -161,7 +161,7 @@ def _model_config(cfg: PretrainConfig, data) -> tuple[BertConfig, Path | None]:
     return config, start
 
 
-def _collator(cfg: PretrainConfig, data):
+def _collator(cfg: PretrainConfig, data, device: torch.device):
     from fastbert import masking
     from fastbert.data import MLMCollator
 
@@ -173,7 +173,9 @@ def _collator(cfg: PretrainConfig, data):
     return MLMCollator(vocab_size=data.vocab_size, mask_token_id=data.mask_id, pad_token_id=data.pad_id,
                        special_token_ids=special, is_continuation=is_continuation, max_len=cfg.seq_len,
                        pad_to_multiple_of=8, mlm_probability=cfg.mlm_probability,
-                       whole_word_mask=cfg.whole_word_mask, packing=cfg.packing)
+                       whole_word_mask=cfg.whole_word_mask, packing=cfg.packing,
+                       # On a GPU the model then runs unpadded on metadata made in the workers: no device sync.
+                       return_unpad_metadata=cfg.packing or device.type == "cuda")
 
 
 class _IndexedDataset(torch.utils.data.Dataset):
@@ -214,11 +216,13 @@ def _loader(dataset, collate, cfg: PretrainConfig, sampler, device: torch.device
     )
 
 
-_MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label", "position_ids")
+_MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label", "position_ids",
+               "indices", "cu_seqlens", "max_seqlen")
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in _MODEL_KEYS and v is not None}
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in batch.items() if k in _MODEL_KEYS and v is not None}
 
 
 @torch.no_grad()
@@ -416,7 +420,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> PretrainResult
 
     train_set = BertPairDataset(data.data_dir, cfg.seq_len, short_seq_prob=cfg.short_seq_prob, seed=cfg.seed,
                                 split="train")
-    collate = _SeededCollate(_collator(cfg, data), cfg.seed)
+    collate = _SeededCollate(_collator(cfg, data, device), cfg.seed)
     samples_per_step = cfg.batch_size * cfg.grad_accum
     sampler = PretrainSampler(len(train_set), seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                               start_index=step * samples_per_step)
@@ -425,7 +429,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> PretrainResult
     if cfg.eval_batches:
         eval_set = BertPairDataset(data.data_dir, cfg.seq_len, short_seq_prob=cfg.short_seq_prob, seed=cfg.seed,
                                    split="eval")
-        eval_collate = _SeededCollate(_collator(cfg, data), cfg.seed + 1)
+        eval_collate = _SeededCollate(_collator(cfg, data, device), cfg.seed + 1)
         n = min(len(eval_set), cfg.eval_batches * cfg.batch_size)
         eval_batches = [eval_collate([(i, eval_set[i]) for i in range(s, min(s + cfg.batch_size, n))])
                         for s in range(0, n, cfg.batch_size)]
@@ -466,7 +470,8 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> PretrainResult
                 nsp_sum += output.nsp_loss.detach() / cfg.grad_accum
                 window_tokens += batch["attention_mask"].sum()
                 if peak is not None and step % cfg.log_every == 0:
-                    window_flops += training_flops(config, batch["attention_mask"], (batch["labels"] != -100).sum())
+                    window_flops += training_flops(config, batch["attention_mask"], (batch["labels"] != -100).sum(),
+                                                   batch.get("cu_seqlens"))
             if scaler is not None:
                 scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
