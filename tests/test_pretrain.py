@@ -188,3 +188,27 @@ def test_packed_and_whole_word_runs(tmp_path, data_dir):
     assert all(r["tokens_per_s"] > 0 for r in records)
     whole = pretrain(config(tmp_path / "wwm", data_dir, max_steps=3, whole_word_mask=True))
     assert whole.steps_done == 3 and all(x == x for x in whole.losses)
+
+
+def test_pretrained_output_fine_tunes(tmp_path, data_dir):
+    from fastbert.finetune import FinetuneConfig, run_finetune
+
+    final = pretrain(config(tmp_path / "pre", data_dir, max_steps=3)).final_dir
+    rng = random.Random(0)
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            words = rng.choices(NOUNS[1:] + ADJECTIVES, k=rng.randint(3, 7))
+            yes = rng.random() < 0.5
+            if yes:
+                words.insert(rng.randrange(len(words) + 1), "cat")
+            out.append(json.dumps({"text": " ".join(words), "label": "yes" if yes else "no"}))
+        return "\n".join(out) + "\n"
+
+    (tmp_path / "train.jsonl").write_text(rows(320))
+    (tmp_path / "eval.jsonl").write_text(rows(100))
+    result = run_finetune(FinetuneConfig(model=str(final), train=str(tmp_path / "train.jsonl"),
+                                         eval=str(tmp_path / "eval.jsonl"), output=str(tmp_path / "ft"), epochs=3,
+                                         lr=3e-3, batch_size=16, seq_len=24, device="cpu"))
+    assert result.eval_accuracy[-1] >= 0.85, result.eval_accuracy
