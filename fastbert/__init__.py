@@ -3,8 +3,7 @@
 Importing fastbert imports torch only: no triton, no CUDA query, no build. Kernels and the C++
 extension load lazily the first time an op needs them.
 """
-from fastbert import backend, ops
-from fastbert import masking
+from fastbert import backend, masking, ops
 from fastbert.config import BertConfig
 from fastbert.hf import patch_hf, patch_hf_classes
 from fastbert.modeling import (
@@ -35,6 +34,7 @@ __all__ = [
     "MaskedLMOutput",
     "SequenceClassifierOutput",
     "backend",
+    "masking",
     "ops",
     "patch_hf",
     "patch_hf_classes",
