@@ -12,15 +12,13 @@ seed: a realistic pre-training batch). Each SDPA backend gets the mask it suppor
 """
 from __future__ import annotations
 
-import argparse
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .common import DTYPES, Row, format_table, time_fn
+from .common import DTYPES, Row, script_main, time_fn
 from fastbert import backend, ops
 
 OP = "attention"
@@ -178,19 +176,5 @@ def summary(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
-    parser.add_argument("--quick", action="store_true", help="few, small shapes (a smoke run)")
-    args = parser.parse_args()
-    if args.device == "cpu":
-        # The kernels can only run on the CPU under Triton's interpreter (set before triton is imported).
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    rows = run(args.device, args.dtype, args.quick)
-    print(format_table(rows))
-    print(summary(rows))
-
-
 if __name__ == "__main__":
-    main()
+    script_main(run, __doc__, summary=summary, interpret_on_cpu=True)

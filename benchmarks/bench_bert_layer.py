@@ -7,11 +7,10 @@ the same work. FLOPs (fwd): 2·tokens·(4h² + 2h·i) + 4·h·B·L²; fwd+bwd = 
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from .common import DTYPES, Row, format_table, peak_memory_mb, time_fn
+from .common import DTYPES, Row, peak_memory_mb, script_main, time_fn
 
 
 def shapes(device: str, quick: bool) -> list[tuple[str, int, int]]:
@@ -101,14 +100,5 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    print(format_table(run(args.device, args.dtype, args.quick)))
-
-
 if __name__ == "__main__":
-    main()
+    script_main(run, __doc__)

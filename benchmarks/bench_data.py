@@ -8,7 +8,6 @@ with the training step's tokens/s: data loading must stay well ahead of it (a be
 """
 from __future__ import annotations
 
-import argparse
 import os
 import itertools
 import tempfile
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import Row, Timing, format_table, time_fn
+from .common import Row, Timing, script_main, time_fn
 
 _WORDS = ("the of and to in is that for it as with was on be by this are from at or an which have not "
           "model data token sentence training layer attention vector value returns function object").split()
@@ -99,17 +98,5 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="fp32")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    rows = run(args.device, args.dtype, args.quick)
-    print(format_table(rows))
-    for row in rows:
-        print(f"{row.op:<14} {row.provider:<12} {row.mode:<9} {row.shape:<24} {row.tokens_per_s:>14,.0f} tokens/s")
-
-
 if __name__ == "__main__":
-    main()
+    script_main(run, __doc__, default_dtype="fp32")

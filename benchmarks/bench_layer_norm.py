@@ -10,12 +10,11 @@ it is dx itself).
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torch.nn.functional as F
 
-from .common import DTYPES, ROTATE_BYTES, Row, format_table, fwd_bwd_modes, peak_memory_mb, time_fn
+from .common import DTYPES, ROTATE_BYTES, Row, fwd_bwd_modes, peak_memory_mb, script_main, time_fn
 from fastbert import backend, ops
 
 OP = "layer_norm"
@@ -82,14 +81,5 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU, fewer repeats on CUDA")
-    args = parser.parse_args()
-    print(format_table(run(args.device, args.dtype, args.quick)))
-
-
 if __name__ == "__main__":
-    main()
+    script_main(run, __doc__)

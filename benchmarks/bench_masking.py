@@ -12,7 +12,6 @@ ids and the labels); the summary prints tokens/s and speed-ups over HF's collato
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import tempfile
@@ -21,7 +20,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .common import Row, format_table, time_fn
+from .common import Row, script_main, time_fn
 from fastbert import masking
 from fastbert.data import MLMCollator
 
@@ -173,13 +172,4 @@ def summary(rows: list[Row]) -> str:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="fp32",
-                        help="ignored: token ids are int64")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    table_rows = run(args.device, args.dtype, args.quick)
-    print(format_table(table_rows))
-    print()
-    print(summary(table_rows))
+    script_main(run, __doc__, default_device="cpu", default_dtype="fp32", summary=summary)

@@ -10,13 +10,12 @@ fastbert/pretrain/flops.py.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from .common import DTYPES, Row, format_table, peak_memory_mb, time_fn
+from .common import DTYPES, Row, peak_memory_mb, script_main, time_fn
 
 MASK_RATE = 0.15
 
@@ -145,14 +144,5 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    print(format_table(run(args.device, args.dtype, args.quick)))
-
-
 if __name__ == "__main__":
-    main()
+    script_main(run, __doc__)

@@ -16,14 +16,13 @@ hf-patch_hf ≥ 2× hf-sdpa.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import gc
 
 import torch
 
-from .common import DTYPES, Row, format_table, time_fn
+from .common import DTYPES, Row, script_main, time_fn
 
 OP = "patched_hf"
 BASELINE = "hf_sdpa"
@@ -147,16 +146,5 @@ def summary(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    rows = run(args.device, args.dtype, args.quick)
-    print(format_table(rows))
-    print(summary(rows))
-
-
 if __name__ == "__main__":
-    main()
+    script_main(run, __doc__, summary=summary)

@@ -5,6 +5,7 @@ CPU a plain repeated timer. Rows carry the columns of ``results.csv``.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import datetime
@@ -140,14 +141,16 @@ def write_csv(rows: Iterable[Row], path: str | os.PathLike) -> Path:
 
 def format_table(rows: Iterable[Row]) -> str:
     """A fixed-width table for the terminal."""
-    lines = [f"{'op':<14} {'provider':<20} {'mode':<8} {'dtype':<5} {'shape':<28} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8}"]
+    lines = [f"{'op':<14} {'provider':<20} {'mode':<8} {'dtype':<5} {'shape':<28} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} "
+             f"{'tokens/s':>13}"]
     for r in rows:
         if r.note:
             lines.append(f"{r.op:<14} {r.provider:<20} {r.mode:<8} {r.dtype:<5} {r.shape:<28} {r.note}")
             continue
         tf = f"{r.tflops:8.2f}" if r.tflops is not None else f"{'':8}"
         gb = f"{r.gbps:8.1f}" if r.gbps is not None else f"{'':8}"
-        lines.append(f"{r.op:<14} {r.provider:<20} {r.mode:<8} {r.dtype:<5} {r.shape:<28} {r.ms_median:9.4f} {tf} {gb}")
+        tok = f"{r.tokens_per_s:13,.0f}" if r.tokens_per_s is not None else ""
+        lines.append(f"{r.op:<14} {r.provider:<20} {r.mode:<8} {r.dtype:<5} {r.shape:<28} {r.ms_median:9.4f} {tf} {gb} {tok}")
     return "\n".join(lines)
 
 
@@ -186,3 +189,25 @@ def fwd_bwd_modes(fn: Callable, sets: list[tuple]) -> list[tuple[str, Callable[[
         return torch.autograd.grad(y, s[:-1], s[-1], retain_graph=True)
 
     return [("fwd", Cycle(sets, forward)), ("bwd", Cycle(outputs, backward)), ("fwd+bwd", Cycle(sets, forward_backward))]
+
+
+def script_main(run: Callable[[str, str, bool], list[Row]], doc: str, *, default_device: str | None = None,
+                default_dtype: str = "bf16", summary: Callable[[list[Row]], str] | None = None,
+                interpret_on_cpu: bool = False) -> list[Row]:
+    """The command line every ``bench_*.py`` shares: ``--device cpu|cuda --dtype ... --quick``, then the
+    table (and the script's own summary, if any)."""
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default=default_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=default_dtype)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU, fewer repeats on CUDA")
+    args = parser.parse_args()
+    if interpret_on_cpu and args.device == "cpu":
+        # Triton kernels run on the CPU only under the interpreter, set before triton is imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    rows = run(args.device, args.dtype, args.quick)
+    print(format_table(rows))
+    if summary is not None:
+        print()
+        print(summary(rows))
+    return rows
