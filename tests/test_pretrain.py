@@ -212,3 +212,16 @@ def test_pretrained_output_fine_tunes(tmp_path, data_dir):
                                          eval=str(tmp_path / "eval.jsonl"), output=str(tmp_path / "ft"), epochs=3,
                                          lr=3e-3, batch_size=16, seq_len=24, device="cpu"))
     assert result.eval_accuracy[-1] >= 0.85, result.eval_accuracy
+
+
+def test_relative_output_dir_and_rerun_resumes_finished_run(tmp_path, data_dir, monkeypatch, capsys):
+    # As the README's `make pretrain` runs it: a relative --out, and running it twice just re-exports.
+    monkeypatch.chdir(tmp_path)
+    argv = ["pretrain", "--corpus", str(data_dir.parent / "corpus.txt"), "--out", "runs/x", "--resume",
+            "--max-steps", "2", "--batch-size", "4", "--seq-len", "32", "--vocab-size", "200", "--num-workers", "0",
+            "--no-progress", "--eval-batches", "1"]
+    assert cli_main(argv) == 0
+    assert (tmp_path / "runs/x/final/vocab.txt").is_file()
+    assert cli_main(argv) == 0
+    assert "resumed from" in capsys.readouterr().err
+    assert [s for s, _ in ckpt.step_dirs(tmp_path / "runs/x/checkpoints")] == [2]

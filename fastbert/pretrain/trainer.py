@@ -343,8 +343,8 @@ def _export_final(out: Path, model, data) -> Path:
     staging = out / ".final-tmp"
     shutil.rmtree(staging, ignore_errors=True)
     _unwrap(model).save_pretrained(staging)
-    for path in data.tokenizer_files:
-        shutil.copy2(Path(data.data_dir) / path, staging / Path(path).name)
+    for path in data.tokenizer_files:  # full paths (relative to the working directory if the output is)
+        shutil.copy2(path, staging / Path(path).name)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     return final
