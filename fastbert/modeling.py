@@ -487,18 +487,40 @@ def _check_labels(name: str, labels: torch.Tensor, shape: tuple[int, ...], num_c
             raise ValueError(f"{name} must be in {allowed}; found {bad}")
 
 
-def _masked_lm(head: nn.Module, sequence_output: torch.Tensor, labels: torch.Tensor | None, vocab_size: int):
+def _masked_lm(head: nn.Module, sequence_output: torch.Tensor, labels: torch.Tensor | None, vocab_size: int,
+               masked_positions: torch.Tensor | None = None):
     """MLM logits and loss. With labels the decoder (the largest GEMM of pre-training) runs only on the
-    masked positions; returns ((num_masked, vocab) logits, loss). Without: (batch, seq, vocab), None."""
+    masked positions; returns ((num_masked, vocab) logits, loss). Without: (batch, seq, vocab), None.
+
+    ``masked_positions``: the flat indices of ``labels != -100`` (row-major), as the collator computes
+    them on the CPU. Given, the step needs no device→host sync; otherwise they are found here (a
+    ``nonzero``, which syncs on CUDA)."""
     if labels is None:
         return head(sequence_output), None
     _check_labels("labels", labels, tuple(sequence_output.shape[:2]), vocab_size, allow_ignore=True)
-    selected = labels != IGNORE_INDEX
-    logits = head(sequence_output[selected])
-    targets = labels[selected]
+    flat_labels = labels.reshape(-1)
+    if masked_positions is None:
+        masked_positions = torch.nonzero(flat_labels != IGNORE_INDEX).flatten()
+    else:
+        _check_masked_positions(masked_positions, flat_labels)
+    targets = flat_labels.index_select(0, masked_positions)
+    hidden = sequence_output.reshape(-1, sequence_output.shape[-1]).index_select(0, masked_positions)
+    logits = head(hidden)
     # Sum / count keeps a batch with no masked token at loss 0 instead of NaN.
     loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(targets.numel(), 1)
     return logits, loss
+
+
+def _check_masked_positions(positions: torch.Tensor, flat_labels: torch.Tensor) -> None:
+    check_tensor("masked_positions", positions)
+    if positions.dtype != torch.int64 or positions.dim() != 1:
+        raise ValueError(f"masked_positions must be 1-D int64, got {positions.dtype} of shape {tuple(positions.shape)}")
+    if positions.device != flat_labels.device:
+        raise ValueError(f"masked_positions is on {positions.device} but labels are on {flat_labels.device}")
+    if value_checks_cheap(positions):
+        expected = torch.nonzero(flat_labels != IGNORE_INDEX).flatten()
+        if not torch.equal(positions, expected):
+            raise ValueError("masked_positions must be the row-major flat indices of labels != -100")
 
 
 class BertForPreTraining(BertPreTrainedModel):
@@ -514,16 +536,17 @@ class BertForPreTraining(BertPreTrainedModel):
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, next_sentence_label: torch.Tensor | None = None, *,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                indices: torch.Tensor | None = None) -> BertForPreTrainingOutput:
+                indices: torch.Tensor | None = None,
+                masked_positions: torch.Tensor | None = None) -> BertForPreTrainingOutput:
         """labels: (batch, seq_len) original ids at masked positions, -100 elsewhere.
         next_sentence_label: (num_sequences,) 0 = B follows A, 1 = B is random — one per row, or one per
         packed sequence with the unpad metadata (see :meth:`BertModel.encode`). ``loss`` = mlm_loss +
-        nsp_loss (whichever labels are given)."""
+        nsp_loss (whichever labels are given). ``masked_positions``: see :func:`_masked_lm`."""
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens=cu_seqlens,
                         max_seqlen=max_seqlen, indices=indices)
         sequence_output, pooled = out.last_hidden_state, out.pooler_output
         prediction_logits, mlm_loss = _masked_lm(self.cls.predictions, sequence_output, labels,
-                                                 self.config.vocab_size)
+                                                 self.config.vocab_size, masked_positions)
         seq_relationship_logits = self.cls.seq_relationship(pooled)
         nsp_loss = None
         if next_sentence_label is not None:
@@ -551,10 +574,12 @@ class BertForMaskedLM(BertPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, *, cu_seqlens: torch.Tensor | None = None,
-                max_seqlen: int | None = None, indices: torch.Tensor | None = None) -> MaskedLMOutput:
+                max_seqlen: int | None = None, indices: torch.Tensor | None = None,
+                masked_positions: torch.Tensor | None = None) -> MaskedLMOutput:
         sequence_output = self.bert(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens=cu_seqlens,
                                     max_seqlen=max_seqlen, indices=indices).last_hidden_state
-        logits, loss = _masked_lm(self.cls.predictions, sequence_output, labels, self.config.vocab_size)
+        logits, loss = _masked_lm(self.cls.predictions, sequence_output, labels, self.config.vocab_size,
+                                  masked_positions)
         return MaskedLMOutput(loss=loss, logits=logits)
 
 

@@ -68,3 +68,19 @@ def test_packed_pretraining_loss_uses_every_sequence():
         model(**{**batch, "next_sentence_label": batch["next_sentence_label"][:-1]})
     with pytest.raises(ValueError, match="needs indices and max_seqlen"):
         model(batch["input_ids"], batch["attention_mask"], cu_seqlens=batch["cu_seqlens"])
+
+
+def test_masked_positions_from_the_collator_give_the_same_loss_without_a_search():
+    torch.manual_seed(0)
+    model = fastbert.BertForPreTraining(CONFIG).eval()
+    collate = MLMCollator(vocab_size=64, mask_token_id=MASK, pad_token_id=PAD, special_token_ids=(CLS, SEP),
+                          max_len=16, mlm_probability=0.3)
+    batch = collate(examples(), seed=2)
+    positions = batch.pop("masked_positions")
+    assert torch.equal(positions, torch.nonzero(batch["labels"].view(-1) != -100).flatten())
+    with torch.no_grad():
+        a = model(**batch)
+        b = model(**batch, masked_positions=positions)
+    assert torch.equal(a.prediction_logits, b.prediction_logits) and torch.equal(a.loss, b.loss)
+    with pytest.raises(ValueError, match="masked_positions must be the row-major"):
+        model(**batch, masked_positions=positions[1:])

@@ -225,3 +225,10 @@ def test_relative_output_dir_and_rerun_resumes_finished_run(tmp_path, data_dir, 
     assert cli_main(argv) == 0
     assert "resumed from" in capsys.readouterr().err
     assert [s for s, _ in ckpt.step_dirs(tmp_path / "runs/x/checkpoints")] == [2]
+
+
+def test_mfu_is_logged_against_the_peak(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("FASTBERT_PEAK_TFLOPS", "0.5")  # a GPU's measured ceiling; here a stand-in
+    pretrain(config(tmp_path, data_dir, max_steps=2))
+    records = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert all(0 < r["mfu"] < 1 for r in records), records

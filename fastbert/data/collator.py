@@ -115,7 +115,8 @@ class MLMCollator:
 
     Returns a dict of CPU tensors (pin them with ``DataLoader(pin_memory=True)``), B = rows:
         input_ids int64 (B, L), masked; attention_mask int64 (B, L), 1 = real token;
-        token_type_ids int64 (B, L); labels int64 (B, L), -100 where not masked;
+        token_type_ids int64 (B, L); labels int64 (B, L), -100 where not masked; masked_positions int64
+        (num_masked,), the row-major flat indices of labels != -100 (the model's MLM gather, sync-free);
         next_sentence_label int64 (N,) when the examples have it (in packed order when packing);
         position_ids int64 (B, L) when packing; indices int64 (total,), cu_seqlens int32 (N+1,) and
         max_seqlen (a Python int) with the unpad metadata.
@@ -240,8 +241,12 @@ class MLMCollator:
             mask_ratio=self.mask_ratio, random_ratio=self.random_ratio, word_starts=word_starts,
             seed=self._next_seed() if seed is None else seed,
         )
+        # The flat indices of the masked tokens, found here on the CPU so that the model's MLM gather needs
+        # no device sync.
+        masked_positions = torch.nonzero(mlm_labels.view(-1) != -100).flatten()
         batch: dict[str, torch.Tensor | int] = {"input_ids": masked_ids, "attention_mask": attention_mask,
-                                                 "token_type_ids": token_type_ids, "labels": mlm_labels}
+                                                 "token_type_ids": token_type_ids, "labels": mlm_labels,
+                                                 "masked_positions": masked_positions}
         if all(have_labels):
             batch["next_sentence_label"] = torch.tensor([int(label) for label in labels], dtype=torch.int64)
         if self.packing:

@@ -217,7 +217,7 @@ def _loader(dataset, collate, cfg: PretrainConfig, sampler, device: torch.device
 
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label", "position_ids",
-               "indices", "cu_seqlens", "max_seqlen")
+               "indices", "cu_seqlens", "max_seqlen", "masked_positions")
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -446,7 +446,8 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> PretrainResult
                f"{info.world_size} process(es) on {device}, precision {str(amp_dtype or 'fp32').replace('torch.', '')}, "
                f"backend {cfg.backend}, {len(train_set):,} training pairs per epoch, output {out}")
 
-    window_tokens = torch.zeros((), dtype=torch.float64, device=device)
+    # Counted from the CPU batches: the step itself never waits on the device (only log steps read it).
+    window_tokens = 0
     window_flops = 0.0
     window_start = time.perf_counter()
     skipped_steps = 0
@@ -456,7 +457,12 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> PretrainResult
             mlm_sum = torch.zeros((), device=device)
             nsp_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
-                batch = _to_device(next(batches), device)
+                cpu_batch = next(batches)
+                window_tokens += int(cpu_batch["attention_mask"].sum())
+                if peak is not None:
+                    window_flops += training_flops(config, cpu_batch["attention_mask"],
+                                                   cpu_batch["masked_positions"].numel(), cpu_batch.get("cu_seqlens"))
+                batch = _to_device(cpu_batch, device)
                 # DDP: all-reduce gradients only on the last micro-step of an accumulation.
                 sync = contextlib.nullcontext() if (not info.distributed or micro == cfg.grad_accum - 1) \
                     else train_model.no_sync()
@@ -468,10 +474,6 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> PretrainResult
                 loss_sum += loss.detach()
                 mlm_sum += output.mlm_loss.detach() / cfg.grad_accum
                 nsp_sum += output.nsp_loss.detach() / cfg.grad_accum
-                window_tokens += batch["attention_mask"].sum()
-                if peak is not None and step % cfg.log_every == 0:
-                    window_flops += training_flops(config, batch["attention_mask"], (batch["labels"] != -100).sum(),
-                                                   batch.get("cu_seqlens"))
             if scaler is not None:
                 scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
@@ -487,23 +489,22 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> PretrainResult
             metrics.advance()
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                distributed.all_reduce_sum(window_tokens, info)
+                totals = distributed.all_reduce_sum(torch.tensor([float(window_tokens), window_flops],
+                                                                 dtype=torch.float64, device=device), info).tolist()
                 elapsed = time.perf_counter() - window_start
                 record = {"step": step, "loss": float(loss_sum), "mlm_loss": float(mlm_sum), "nsp_loss": float(nsp_sum),
                           "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                          "tokens_per_s": float(window_tokens) / elapsed, "elapsed_s": elapsed}
+                          "tokens_per_s": totals[0] / elapsed, "elapsed_s": elapsed}
                 if scaler is not None:
                     if scaler.get_scale() < scale_before:
                         skipped_steps += 1
                     record["loss_scale"] = scaler.get_scale()
                     record["skipped_steps"] = skipped_steps
-                if peak is not None and window_flops:
-                    # FLOPs were counted on one step of the window; scale to the window's steps.
-                    steps_in_window = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-                    record["mfu"] = window_flops * steps_in_window * info.world_size / elapsed / (peak * 1e12)
+                if peak is not None:
+                    record["mfu"] = totals[1] / elapsed / (peak * info.world_size * 1e12)
                 metrics.log(record)
                 result.losses.append(record["loss"])
-                window_tokens.zero_()
+                window_tokens = 0
                 window_flops = 0.0
                 window_start = time.perf_counter()
             if eval_batches and (step % cfg.eval_every == 0 or step == cfg.max_steps):
