@@ -216,6 +216,8 @@ def _loader(dataset, collate, cfg: PretrainConfig, sampler, device: torch.device
     )
 
 
+MIN_LOSS_SCALE = 2.0**-16  # below this fp16 gradients underflow anyway: stop instead of training on nothing
+
 _MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label", "position_ids",
                "indices", "cu_seqlens", "max_seqlen", "masked_positions")
 
@@ -500,6 +502,11 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> PretrainResult
                         skipped_steps += 1
                     record["loss_scale"] = scaler.get_scale()
                     record["skipped_steps"] = skipped_steps
+                    if record["loss_scale"] < MIN_LOSS_SCALE:
+                        # Every step overflows: the run is diverging, and fp16 can no longer represent it.
+                        raise FloatingPointError(
+                            f"the fp16 loss scale fell to {record['loss_scale']:.3g} at step {step} (gradients "
+                            "overflow on every step): lower --lr, raise --warmup, or use --precision bf16")
                 if peak is not None:
                     record["mfu"] = totals[1] / elapsed / (peak * info.world_size * 1e12)
                 metrics.log(record)
