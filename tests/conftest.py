@@ -23,3 +23,15 @@ def pytest_collection_modifyitems(config, items):
 def _fresh_seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Every float buffer from torch.empty starts as NaN: an element a kernel fails to write shows up."""
+    real_empty = torch.empty
+
+    def empty_nan(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
+
+    monkeypatch.setattr(torch, "empty", empty_nan)

@@ -8,24 +8,13 @@ import torch.nn.functional as F
 import fastbert
 from fastbert import backend, ops
 from fastbert._validation import DtypeError
+from tests.kernel_checks import assert_error_within
 
 # The interpreter's own scalar handling warns on every loop bound; nothing of ours.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(37, 96), (5, 1000), (3, 7, 768)]
-
-
-@pytest.fixture
-def poison_empty(monkeypatch):
-    """Every float buffer from torch.empty starts as NaN: an element a kernel fails to write shows up."""
-    real_empty = torch.empty
-
-    def empty_nan(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
-
-    monkeypatch.setattr(torch, "empty", empty_nan)
 
 
 def _ln64(x, residual, weight, bias, eps, keep=None, scale=1.0):
@@ -46,18 +35,6 @@ def _ln_same_precision(x, residual, weight, bias, eps, keep=None, scale=1.0):
     if residual is not None:
         h = h + residual
     return F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
-
-
-def assert_error_within(name, got, same_precision, ref64, factor=3.0):
-    """|got - ref| <= factor * |same_precision - ref| + one ulp at the output's scale (max norm)."""
-    ref = ref64.double()
-    assert got.dtype == same_precision.dtype, f"{name}: dtype {got.dtype}, expected {same_precision.dtype}"
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    err = (got.double() - ref).abs().max().item()
-    err_torch = (same_precision.double() - ref).abs().max().item()
-    slack = torch.finfo(got.dtype).eps * ref.abs().max().item()
-    assert err <= factor * err_torch + slack, (
-        f"{name}: kernel error {err:.3g} > {factor} x torch's {err_torch:.3g} + {slack:.3g}")
 
 
 def _inputs(shape, dtype, residual=True, bias=True):

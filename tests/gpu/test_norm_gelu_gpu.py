@@ -6,22 +6,12 @@ import torch
 import torch.nn.functional as F
 
 from fastbert import backend, ops
+from tests.kernel_checks import assert_error_within
 
 pytestmark = pytest.mark.gpu
 
 ROWS = 16384
 HIDDEN = [768, 1024]
-
-
-def assert_error_within(name, got, same_precision, ref, factor=3.0):
-    ref = ref.float()
-    assert got.dtype == same_precision.dtype, f"{name}: dtype {got.dtype}, expected {same_precision.dtype}"
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    err = (got.float() - ref).abs().max().item()
-    err_torch = (same_precision.float() - ref).abs().max().item()
-    slack = torch.finfo(got.dtype).eps * ref.abs().max().item()
-    assert err <= factor * err_torch + slack, (
-        f"{name}: kernel error {err:.3g} > {factor} x torch's {err_torch:.3g} + {slack:.3g}")
 
 
 def _ln_inputs(n, dtype=torch.bfloat16):
