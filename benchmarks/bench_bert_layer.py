@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import DTYPES, Row, peak_memory_mb, script_main, time_fn
+from .common import DTYPES, Row, hf_bert_config, peak_memory_mb, script_main, time_fn
 
 
 def shapes(device: str, quick: bool) -> list[tuple[str, int, int]]:
@@ -47,8 +47,7 @@ def _ours(provider: str, config, device: str, dtype: torch.dtype, mask: torch.Te
 def _hf(provider: str, config, device: str, dtype: torch.dtype, mask: torch.Tensor, ours_state):
     import transformers
 
-    hf_config = transformers.BertConfig(**{k: v for k, v in config.to_dict().items()
-                                           if k not in ("architectures", "id2label", "label2id")})
+    hf_config = hf_bert_config(config)
     hf_config._attn_implementation = "eager" if provider == "hf_eager" else "sdpa"
     layer = transformers.models.bert.modeling_bert.BertLayer(hf_config)
     layer.load_state_dict(ours_state)

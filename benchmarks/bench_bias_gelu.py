@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import DTYPES, ROTATE_BYTES, Row, fwd_bwd_modes, peak_memory_mb, script_main, time_fn
+from .common import DTYPES, ROTATE_BYTES, Row, fused_vs_eager_rows, script_main
 from fastbert import backend, ops
 
 OP = "bias_gelu"
@@ -40,7 +40,6 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
     torch_dtype = DTYPES[dtype]
     shapes = CUDA_SHAPES if device == "cuda" else (CPU_QUICK_SHAPES if quick else CPU_SHAPES)
     rows = []
-    probe = torch.empty(0, device=device)
     elem = torch.finfo(torch_dtype).bits // 8
     for m, n in shapes:
         count = max(2, -(-ROTATE_BYTES // (3 * m * n * elem))) if device == "cuda" else 2
@@ -48,22 +47,8 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
                  torch.randn(n, device=device, dtype=torch_dtype, requires_grad=True),
                  torch.randn(m, n, device=device, dtype=torch_dtype)) for _ in range(count)]
         shape = f"{m}x{n}"
-        providers = [("eager", eager)]
-        if backend.triton_can_run_on(probe):
-            providers.insert(0, ("fastbert", fused))
-        else:
-            rows.append(Row.unsupported(OP, "fastbert", "all", dtype, shape,
-                                        "Triton needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)"))
-        if device == "cuda":
-            providers.append(("compile", torch.compile(eager, dynamic=False)))
-        else:
-            rows.append(Row.unsupported(OP, "compile", "all", dtype, shape, "measured on CUDA only"))
-        for provider, fn in providers:
-            for mode, call in fwd_bwd_modes(fn, sets):
-                call()  # warm-up: compiles
-                row = Row.measured(OP, provider, mode, dtype, shape, time_fn(call, device, quick=quick),
-                                   bytes_moved=_bytes(m, n, elem, mode), peak_mem_mb=peak_memory_mb(call, device))
-                rows.append(row)
+        rows += fused_vs_eager_rows(OP, dtype, shape, device, quick, sets, fused, eager,
+                                    lambda mode: _bytes(m, n, elem, mode))
     return rows
 
 

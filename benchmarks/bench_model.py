@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import DTYPES, Row, peak_memory_mb, script_main, time_fn
+from .common import DTYPES, Row, hf_bert_config, peak_memory_mb, script_main, time_fn
 
 MASK_RATE = 0.15
 
@@ -89,8 +89,7 @@ def build(provider: str, config, device: str):
         return model, ctx, lambda out: out.loss
     import transformers
 
-    hf_config = transformers.BertConfig(**{k: v for k, v in config.to_dict().items()
-                                           if k not in ("architectures", "id2label", "label2id")})
+    hf_config = hf_bert_config(config)
     attn = "eager" if provider == "hf_eager" else "sdpa"
     hf = transformers.BertForPreTraining._from_config(hf_config, attn_implementation=attn)
     hf.load_state_dict(ours.state_dict())

@@ -191,6 +191,40 @@ def fwd_bwd_modes(fn: Callable, sets: list[tuple]) -> list[tuple[str, Callable[[
     return [("fwd", Cycle(sets, forward)), ("bwd", Cycle(outputs, backward)), ("fwd+bwd", Cycle(sets, forward_backward))]
 
 
+def fused_vs_eager_rows(op: str, dtype: str, shape: str, device: str, quick: bool, sets: list[tuple],
+                        fused: Callable, eager: Callable, bytes_for_mode: Callable[[str], float]) -> list[Row]:
+    """fwd / bwd / fwd+bwd rows of ``fused`` (fastbert's kernel), ``eager`` and, on CUDA, torch.compile of
+    ``eager``, on the same rotating ``sets`` (see :func:`fwd_bwd_modes`); a provider that cannot run
+    here is a row saying why."""
+    from fastbert import backend
+
+    rows = []
+    providers = [("eager", eager)]
+    if backend.triton_can_run_on(torch.empty(0, device=device)):
+        providers.insert(0, ("fastbert", fused))
+    else:
+        rows.append(Row.unsupported(op, "fastbert", "all", dtype, shape,
+                                    "Triton needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)"))
+    if device == "cuda":
+        providers.append(("compile", torch.compile(eager, dynamic=False)))
+    else:
+        rows.append(Row.unsupported(op, "compile", "all", dtype, shape, "measured on CUDA only"))
+    for provider, fn in providers:
+        for mode, call in fwd_bwd_modes(fn, sets):
+            call()  # warm-up: compiles, autotunes
+            rows.append(Row.measured(op, provider, mode, dtype, shape, time_fn(call, device, quick=quick),
+                                     bytes_moved=bytes_for_mode(mode), peak_mem_mb=peak_memory_mb(call, device)))
+    return rows
+
+
+def hf_bert_config(config, **overrides):
+    """A transformers BertConfig of a fastbert one (same field names), for the HF providers."""
+    import transformers
+
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("architectures", "id2label", "label2id")}
+    return transformers.BertConfig(**fields, **overrides)
+
+
 def script_main(run: Callable[[str, str, bool], list[Row]], doc: str, *, default_device: str | None = None,
                 default_dtype: str = "bf16", summary: Callable[[list[Row]], str] | None = None,
                 interpret_on_cpu: bool = False) -> list[Row]:
