@@ -24,6 +24,7 @@ import torch
 from fastbert import weights
 from fastbert.config import BertConfig
 from fastbert.modeling import BertForSequenceClassification
+from fastbert.pretrain.optim import build_optimizer
 
 logger = logging.getLogger("fastbert")
 
@@ -296,15 +297,6 @@ def _autocast(precision: str, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
-def _optimizer(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.device) -> torch.optim.Optimizer:
-    # BERT's recipe: no weight decay on biases and LayerNorm weights.
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
-
-
 def evaluate(model: BertForSequenceClassification, data: Encoded, batch_size: int, pad_id: int,
              device: torch.device, autocast) -> float:
     """Accuracy of ``model`` on ``data``."""
@@ -350,7 +342,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     device = _device(cfg.device)
     model = load_model(model_dir, labels).to(device).train()
     autocast, scaler = _autocast(cfg.precision, device)
-    optimizer = _optimizer(model, cfg, device)
+    optimizer = build_optimizer(model, "adamw", cfg.lr, cfg.weight_decay, eps=1e-8)  # no decay on biases/LayerNorm
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
