@@ -14,8 +14,9 @@ import triton.language as tl
 from ._launch import as_rows, persistent_programs, warps_for
 from .column_sum import column_sums_into
 
-_SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
-_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+# constexpr values, so @jit code may read these globals (the compiler rejects plain floats)
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 
 # Tile of the GPU launches: 16 x 256 elements, 4 warps: 32 elements (four 16-byte loads of bf16) per thread.
 _GPU_BLOCK_M = 16

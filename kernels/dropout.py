@@ -8,7 +8,7 @@ import triton.language as tl
 
 # Bits of randomness per element: a keep decision compares a 16-bit uniform with ceil(p * 2**16),
 # so the drop probability is p rounded up to a multiple of 2**-16.
-RANDOM_BITS: tl.constexpr = 16
+RANDOM_BITS = tl.constexpr(16)  # a constexpr value: @jit code may read it (an annotation is not enough)
 
 
 @triton.jit
