@@ -8,7 +8,9 @@ import triton.language as tl
 
 # Bits of randomness per element: a keep decision compares a 16-bit uniform with ceil(p * 2**16),
 # so the drop probability is p rounded up to a multiple of 2**-16.
-RANDOM_BITS = tl.constexpr(16)  # a constexpr value: @jit code may read it (an annotation is not enough)
+# constexpr values, so @jit code may read them (an annotated plain int is rejected by the compiler).
+RANDOM_BITS = tl.constexpr(16)
+_RANDOM_LEVELS = tl.constexpr(2 ** RANDOM_BITS.value)
 
 
 @triton.jit
@@ -35,5 +37,5 @@ def keep_mask(seed, rows, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
     # columns in one fixed order.
     bits = tl.join(tl.join(_split_halves(r0), _split_halves(r1)), tl.join(_split_halves(r2), _split_halves(r3)))
     bits = tl.reshape(bits, [BLOCK_M, BLOCK_N])
-    threshold = tl.math.ceil(dropout_p * (1 << RANDOM_BITS)).to(tl.uint32)
+    threshold = tl.math.ceil(dropout_p * _RANDOM_LEVELS).to(tl.uint32)
     return bits >= threshold
