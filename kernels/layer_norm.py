@@ -29,14 +29,22 @@ def _tuning_configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (1, 2, 4, 8) for w in (4, 8, 16)]
 
 
-def _pruner(max_per_thread: int):
+def _pruner(max_per_thread: int, max_per_thread_16_warps: int | None = None):
     """Keep launch shapes with 8 (one 16-byte bf16 load) to ``max_per_thread`` tile elements per thread:
     fewer leaves threads idle, more spills registers. The backward holds about twice the live values
-    of the forward, so it gets the lower cap."""
+    of the forward, so it gets the lower cap. 16 warps leave a thread 128 registers (65536 / 512
+    threads): ``max_per_thread_16_warps`` caps those shapes lower (the sm_90 compile of the backward
+    spills at 16 elements per thread there)."""
 
     def prune(configs, named_args, **kwargs):
         block_n = kwargs["BLOCK_N"]
-        kept = [c for c in configs if 8 <= c.kwargs["BLOCK_M"] * block_n // (32 * c.num_warps) <= max_per_thread]
+
+        def fits(c):
+            per_thread = c.kwargs["BLOCK_M"] * block_n // (32 * c.num_warps)
+            cap = max_per_thread_16_warps if c.num_warps == 16 and max_per_thread_16_warps else max_per_thread
+            return 8 <= per_thread <= cap
+
+        kept = [c for c in configs if fits(c)]
         if kept:
             return kept
         # Very short rows: many rows per program; very long ones: one row, the most warps.
@@ -187,7 +195,8 @@ def _bwd_kernel(
 _fwd_tuned = triton.autotune(_tuning_configs(), key=_TUNING_KEY, cache_results=True,
                              prune_configs_by={"early_config_prune": _pruner(max_per_thread=32)})(_fwd_kernel)
 _bwd_tuned = triton.autotune(_tuning_configs(), key=_TUNING_KEY + ["STORE_DR"], cache_results=True,
-                             prune_configs_by={"early_config_prune": _pruner(max_per_thread=16)})(_bwd_kernel)
+                             prune_configs_by={"early_config_prune": _pruner(max_per_thread=16,
+                                                                             max_per_thread_16_warps=8)})(_bwd_kernel)
 
 
 def _check_hidden(n: int) -> None:
