@@ -1,10 +1,51 @@
-"""Launch helpers shared by the kernels: row views of the inputs and the GPU's size."""
+"""Launch helpers shared by the kernels: row views of the inputs, the one autotuning switch, the one
+interpreter path, seed checks and occupancy-sized program counts."""
 from __future__ import annotations
 
 import functools
+import os
+from typing import Callable
 
 import torch
 import triton
+
+# Kernel seeds are Python ints in [0, 2**31): Triton types such an argument as int32 whatever its value
+# (an int64 only from 2**31 on), so every seed compiles the same kernel variant, and Philox takes its key
+# as 32-bit words anyway. Kernels also list "seed" in do_not_specialize: a seed of 1, or one divisible
+# by 16, would otherwise be specialised into another variant.
+SEED_LIMIT = 2**31
+
+
+def check_seed(seed: int) -> int:
+    """``seed`` if it is a kernel seed (an int in [0, 2**31)), else a ValueError naming the rule."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"kernel seeds are ints in [0, 2**31) (typed int32 by Triton), got {seed!r}")
+    return seed
+
+
+def interpreted() -> bool:
+    """True when the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set before triton
+    is imported): every launcher then takes its small interpreter configuration, whatever the device."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_enabled() -> bool:
+    """The one switch for every autotuned kernel: ``FASTBERT_AUTOTUNE=0`` runs each kernel's fixed
+    configuration instead (e.g. tests that sweep many shapes). Read at every launch, so a test can set it.
+    The interpreter never autotunes: it would cost minutes."""
+    return os.environ.get("FASTBERT_AUTOTUNE", "1") != "0" and not interpreted()
+
+
+def launch(kernel, tuned, grid: Callable[[dict], tuple], args: tuple, meta: dict, fixed: triton.Config) -> None:
+    """Run ``kernel`` through its autotuner ``tuned`` when autotuning is on, else with the ``fixed`` config.
+
+    ``grid`` maps the launch's meta-parameters (``meta`` plus the config's) to the grid, as Triton's
+    autotuner expects."""
+    if autotune_enabled():
+        tuned[grid](*args, **meta)
+        return
+    params = {**meta, **fixed.kwargs}
+    kernel[grid(params)](*args, **params, num_warps=fixed.num_warps, num_stages=fixed.num_stages)
 
 
 def as_rows(tensor: torch.Tensor, hidden: int) -> torch.Tensor:
@@ -36,7 +77,7 @@ def _sm_count(device_index: int) -> int:
 
 def persistent_programs(device: torch.device, per_sm: int, interpreter_programs: int = 4) -> int:
     """How many programs a kernel that loops over rows should launch: ``per_sm`` per streaming
-    multiprocessor on a GPU; a few under the interpreter (on CPU tensors), where each program runs serially."""
-    if device.type != "cuda":
+    multiprocessor on a GPU; a few under the interpreter, where each program runs serially."""
+    if interpreted() or device.type != "cuda":
         return interpreter_programs
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm

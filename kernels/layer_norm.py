@@ -86,7 +86,7 @@ def _fwd_kernel(
 
     h = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        h = tl.where(keep_mask(seed, rows, dropout_p, BLOCK_M, BLOCK_N), h * dropout_scale, 0.0)
+        h = tl.where(keep_mask(seed, 0, rows, 0, dropout_p, BLOCK_M, BLOCK_N), h * dropout_scale, 0.0)
     if HAS_RESIDUAL:
         h += tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
@@ -151,7 +151,7 @@ def _bwd_kernel(
 
         h = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            keep = keep_mask(seed, rows, dropout_p, BLOCK_M, BLOCK_N)
+            keep = keep_mask(seed, 0, rows, 0, dropout_p, BLOCK_M, BLOCK_N)
             h = tl.where(keep, h * dropout_scale, 0.0)
         if HAS_RESIDUAL:
             h += tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
