@@ -29,14 +29,14 @@ COMPILE_SCRIPT = textwrap.dedent('''
                 types[name] = "*fp32"
             elif name == "KEEP":
                 types[name] = "*u8"
-            elif name in ("KEY_EXTENT", "CU_SEQLENS"):
+            elif name in ("SPANS", "CU_SEQLENS"):
                 types[name] = "*i32"
             elif name.isupper():
                 types[name] = "*" + dtype
             elif name in ("scale_log2", "softmax_scale", "dropout_p"):
                 types[name] = "fp32"
             elif name == "seed":
-                types[name] = "i64"
+                types[name] = "i32"  # kernels/_launch.py: seeds are int32
             else:
                 types[name] = "i32"
         return types
