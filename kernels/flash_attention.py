@@ -344,7 +344,10 @@ _BWD_DKDV_CONFIGS = [
 
 
 # Without autotuning: small tiles that fit shared memory for every dtype and head dim (fp32 hd128 too).
+# The dK/dV kernel keeps two (BLOCK_N, head dim) fp32 accumulators: 8 warps share them without spilling
+# at head dim 128, where 4 spill (sm_90 compile, benchmarks/sm90_compile.py).
 _FIXED_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+_FIXED_DKDV_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2)
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
 
 
@@ -360,10 +363,12 @@ _bwd_dq_tuned = _tuned(_attention_bwd_dq_kernel, _BWD_DQ_CONFIGS)
 _bwd_dkdv_tuned = _tuned(_attention_bwd_dkdv_kernel, _BWD_DKDV_CONFIGS)
 
 
-def _launch(kernel, tuned, grid_rows: str, num_rows: int, batch_heads: int, args: tuple, meta: dict) -> None:
+def _launch(kernel, tuned, fixed: triton.Config, grid_rows: str, num_rows: int, batch_heads: int, args: tuple,
+            meta: dict) -> None:
     """Run ``kernel`` on a (row blocks, batch * heads) grid; ``grid_rows`` names the block size that
-    tiles the rows (BLOCK_M for query-block kernels, BLOCK_N for the key-block one)."""
-    fixed = _INTERPRETER_CONFIG if interpreted() else _FIXED_CONFIG
+    tiles the rows (BLOCK_M for query-block kernels, BLOCK_N for the key-block one); ``fixed``: the
+    configuration on a GPU without autotuning."""
+    fixed = _INTERPRETER_CONFIG if interpreted() else fixed
     launch(kernel, tuned, lambda cfg: (triton.cdiv(num_rows, cfg[grid_rows]), batch_heads), args, meta, fixed)
 
 
@@ -458,8 +463,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_ma
         layout.num_heads, layout.seqlen,
         softmax_scale * LOG2_E, dropout_p, seed, layout.seqlen_bucket,
     )
-    _launch(_attention_fwd_kernel, _fwd_tuned, "BLOCK_M", layout.seqlen, layout.batch * layout.num_heads, args,
-            layout.meta(q.dtype, dropout_p))
+    _launch(_attention_fwd_kernel, _fwd_tuned, _FIXED_CONFIG, "BLOCK_M", layout.seqlen,
+            layout.batch * layout.num_heads, args, layout.meta(q.dtype, dropout_p))
     return out, lse
 
 
@@ -490,11 +495,12 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out), *layout.strides(dout),
         *layout.strides(dq), *common,
     )
-    _launch(_attention_bwd_dq_kernel, _bwd_dq_tuned, "BLOCK_M", layout.seqlen, batch_heads, dq_args, meta)
+    _launch(_attention_bwd_dq_kernel, _bwd_dq_tuned, _FIXED_CONFIG, "BLOCK_M", layout.seqlen, batch_heads, dq_args, meta)
     dkdv_args = (
         q, k, v, dout, dk, dv, lse, delta, layout.keep, layout.spans, layout.cu_seqlens,
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(dout),
         *layout.strides(dk), *layout.strides(dv), *common,
     )
-    _launch(_attention_bwd_dkdv_kernel, _bwd_dkdv_tuned, "BLOCK_N", layout.seqlen, batch_heads, dkdv_args, meta)
+    _launch(_attention_bwd_dkdv_kernel, _bwd_dkdv_tuned, _FIXED_DKDV_CONFIG, "BLOCK_N", layout.seqlen, batch_heads,
+            dkdv_args, meta)
     return dq, dk, dv
