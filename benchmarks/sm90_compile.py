@@ -26,6 +26,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,7 +197,14 @@ class _Recorder:
         self.target, self.launches, self.case = target, launches, case
 
     def __getitem__(self, grid):
+        self.grid = grid
         return self._record
+
+    def warmup(self, *args, grid, **kwargs):
+        """What a launcher that sizes its grid by occupancy (kernels/_launch.py: programs_for) reads of
+        the compiled kernel. The grid does not change what compiles; the real figures are in the report."""
+        metadata = types.SimpleNamespace(shared=0, num_warps=kwargs.get("num_warps", 4))
+        return types.SimpleNamespace(_init_handles=lambda: None, n_regs=32, metadata=metadata)
 
     def _record(self, *args, **kwargs):
         from triton.runtime.autotuner import Autotuner, Heuristics
@@ -218,6 +226,10 @@ class _Recorder:
             for name, rule in wrapped.values.items():
                 kwargs[name] = rule({**named, **kwargs})
             wrapped = wrapped.fn
+        if callable(self.grid):  # as a launch does, once per configuration it runs (a launcher may count them)
+            named = dict(zip(wrapped.arg_names, args))
+            for config in configs:
+                self.grid({**named, **kwargs, **(config.kwargs if config is not None else {})})
         recorded = tuple(PointerArg(a) if isinstance(a, torch.Tensor) else a for a in args)
         recorded_kw = {k: PointerArg(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         self.launches.append(Launch(self.case[0], wrapped, recorded, recorded_kw, configs))
@@ -310,30 +322,24 @@ def _run_bias_gelu(case: Case) -> None:
 _RUNNERS = {"attention": _run_attention, "layer_norm": _run_layer_norm, "bias_gelu": _run_bias_gelu}
 
 
-def _autotune_switches():
-    """(module, attribute) flags that turn autotuning off, so the fixed configurations are captured too."""
-    from fastbert.kernels import flash_attention
-
-    return [(flash_attention, "AUTOTUNE")] if hasattr(flash_attention, "AUTOTUNE") else []
-
-
 def capture(cases: list[Case]) -> list[Launch]:
-    """Every launch the launchers make for ``cases``, autotuned and with autotuning off."""
+    """Every launch the launchers make for ``cases``, autotuned and with autotuning off (the one switch,
+    FASTBERT_AUTOTUNE, so the fixed configurations are captured too)."""
     launches: list[Launch] = []
     current = [""]
-    switches = _autotune_switches()
-    for autotune in (True, False):
-        saved = [(m, a, getattr(m, a)) for m, a in switches]
-        for m, a, _ in saved:
-            setattr(m, a, autotune)
-        try:
+    saved = os.environ.get("FASTBERT_AUTOTUNE")
+    try:
+        for autotune in ("1", "0"):
+            os.environ["FASTBERT_AUTOTUNE"] = autotune
             with recording(launches, current):
                 for case in cases:
                     current[0] = case.label
                     _RUNNERS[case.op](case)
-        finally:
-            for m, a, value in saved:
-                setattr(m, a, value)
+    finally:
+        if saved is None:
+            os.environ.pop("FASTBERT_AUTOTUNE", None)
+        else:
+            os.environ["FASTBERT_AUTOTUNE"] = saved
     return launches
 
 
@@ -451,11 +457,13 @@ def compile_in_subprocess(case_names: str = "default", jobs: int = 1, timeout: f
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory(prefix="sm90-") as tmp:
-        env["TRITON_CACHE_DIR"] = str(Path(tmp) / "cache")
         outs = [Path(tmp) / f"stats-{i}.json" for i in range(jobs)]
+        # One cache per child: a kernel another child compiled first would be a cache hit here, with no
+        # ptxas log to read registers and spills from.
         children = [subprocess.Popen([sys.executable, "-m", f"{__package__}.sm90_compile", "--set", case_names,
                                       "--filter", case_filter, "--shard", f"{i}/{jobs}", "--json", str(out)],
-                                     cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                     cwd=root, env={**env, "TRITON_CACHE_DIR": str(Path(tmp) / f"cache-{i}")},
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                     for i, out in enumerate(outs)]
         failures = []
         for child in children:
