@@ -327,7 +327,7 @@ _AUTOTUNE_KEY = ["seqlen_bucket", "HEAD_DIM", "IS_VARLEN", "HAS_MASK", "HAS_DROP
 _FWD_CONFIGS = [
     (128, 64, 4, 3, 64, 32),
     (128, 64, 8, 3, 128, 128),
-    (128, 128, 8, 3, 128, 64),
+    (128, 128, 8, 3, 128, 32),
     (64, 64, 4, 2, 128, 128),
     (128, 32, 4, 4, 128, 64),
 ]
@@ -341,7 +341,7 @@ _BWD_DQ_CONFIGS = [
 _BWD_DKDV_CONFIGS = [
     (64, 128, 8, 2, 32, 0),
     (32, 128, 4, 3, 32, 0),
-    (64, 64, 4, 2, 64, 64),
+    (64, 64, 4, 2, 64, 32),
     (32, 64, 4, 3, 64, 64),
     # dK and dV accumulate in registers: at head dim 128 only narrow key tiles or 8 warps fit.
     (32, 64, 8, 3, 128, 128),
