@@ -39,14 +39,22 @@ def _tuning_configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (1, 2, 4, 8) for w in (4, 8, 16)]
 
 
-def _pruner(max_per_thread: int):
+def _pruner(max_per_thread: int, max_per_thread_16_warps: int | None = None):
     """Keep launch shapes with 8 (one 16-byte bf16 load) to ``max_per_thread`` tile elements per thread:
     fewer leaves threads idle, more spills registers. The backward holds about twice the live values
-    of the forward, so it gets the lower cap."""
+    of the forward, so it gets the lower cap. 16 warps leave a thread 128 registers (65536 / 512
+    threads): ``max_per_thread_16_warps`` caps those shapes lower (the sm_90 compile of the backward
+    spills at 16 elements per thread there)."""
 
     def prune(configs, named_args, **kwargs):
         block_n = kwargs["BLOCK_N"]
-        kept = [c for c in configs if 8 <= c.kwargs["BLOCK_M"] * block_n // (32 * c.num_warps) <= max_per_thread]
+
+        def fits(c):
+            per_thread = c.kwargs["BLOCK_M"] * block_n // (32 * c.num_warps)
+            cap = max_per_thread_16_warps if c.num_warps == 16 and max_per_thread_16_warps else max_per_thread
+            return 8 <= per_thread <= cap
+
+        kept = [c for c in configs if fits(c)]
         if kept:
             return kept
         # Very short rows: many rows per program; very long ones: one row, the most warps.
@@ -200,8 +208,12 @@ def _with_warps(config: triton.Config) -> triton.Config:
                          num_stages=config.num_stages)
 
 
+# Tile elements per thread the backward may hold (see _pruner): its autotuned and its fixed configurations.
+_BWD_CAPS = dict(max_per_thread=16, max_per_thread_16_warps=8)
+
+
 def _bwd_pruner(configs, named_args, **kwargs):
-    return [_with_warps(c) for c in _pruner(max_per_thread=16)(configs, named_args, **kwargs)]
+    return [_with_warps(c) for c in _pruner(**_BWD_CAPS)(configs, named_args, **kwargs)]
 
 
 # On CUDA the launch shape is autotuned per (N, flags, dtypes). The choice also fixes the order of the
@@ -214,13 +226,13 @@ _bwd_tuned = triton.autotune([_with_warps(c) for c in _tuning_configs()], key=_T
                              cache_results=True, prune_configs_by={"early_config_prune": _bwd_pruner})(_bwd_kernel)
 
 
-def _fixed_config(block_n: int, max_per_thread: int) -> triton.Config:
+def _fixed_config(block_n: int, max_per_thread: int, max_per_thread_16_warps: int | None = None) -> triton.Config:
     """The configuration without autotuning: under the interpreter a few rows per program (a ragged
     last block); on a GPU the first one the autotuner's pruner keeps."""
     if interpreted():
         block_m = _interpreter_rows_per_program(block_n)
         return triton.Config({"BLOCK_M": block_m}, num_warps=warps_for(block_m * block_n))
-    return _pruner(max_per_thread)(_tuning_configs(), {}, BLOCK_N=block_n)[0]
+    return _pruner(max_per_thread, max_per_thread_16_warps)(_tuning_configs(), {}, BLOCK_N=block_n)[0]
 
 
 def _check_hidden(n: int) -> None:
@@ -308,5 +320,5 @@ def layer_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, residual: torch.Tens
         launched.append(programs)  # the last call is the launch that counts (the autotuner benchmarks first)
         return (programs,)
 
-    launch(_bwd_kernel, _bwd_tuned, grid, args, flags, _with_warps(_fixed_config(block_n, max_per_thread=16)))
+    launch(_bwd_kernel, _bwd_tuned, grid, args, flags, _with_warps(_fixed_config(block_n, **_BWD_CAPS)))
     column_sums_into(partial, sums, num_rows=launched[-1])

@@ -50,6 +50,29 @@ def test_occupancy_arithmetic():
     assert sm90_compile.ctas_per_sm(16, 0, 1) == (32, "ctas")
 
 
+@pytest.mark.parametrize("configs", ["_FWD_CONFIGS", "_BWD_DQ_CONFIGS", "_BWD_DKDV_CONFIGS"])
+def test_attention_autotuner_keeps_a_non_spilling_choice_at_every_head_dim(configs):
+    import triton
+
+    from fastbert.kernels import flash_attention as fa
+
+    table = getattr(fa, configs)
+    prune = fa._prune_spilling({tuple(c[:4]): c[4:] for c in table})
+    candidates = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s, *_ in table]
+    for block_d in (16, 32, 64, 128):
+        for dropout in (False, True):
+            kept = prune(candidates, {}, BLOCK_D=block_d, HAS_DROPOUT=dropout)
+            limits = [table[candidates.index(c)][5 if dropout else 4] for c in kept]
+            # Never the fallback: some entry is declared spill-free here, and only such entries are kept.
+            assert kept and all(block_d <= limit for limit in limits), (configs, block_d, dropout)
+            if block_d == 16 and not dropout:
+                assert len(kept) == len(candidates)
+    # The wide dK/dV tiles spill at head dim 64: they must not be tried there.
+    if configs == "_BWD_DKDV_CONFIGS":
+        kept = prune(candidates, {}, BLOCK_D=64, HAS_DROPOUT=False)
+        assert all(c.kwargs["BLOCK_N"] <= 64 for c in kept)
+
+
 def test_representative_subset_compiles_for_sm90():
     rows = sm90_compile.compile_in_subprocess("default", jobs=2)
     check(rows)
