@@ -13,7 +13,8 @@ probabilities from it, so nothing of size seqlen² is ever stored. A query row t
 whose keys are all padding, gets output 0 and log-sum-exp +inf, which makes every recomputed
 probability of that row exactly 0 (so it adds nothing to dK/dV and gets dQ = 0).
 
-Padding: the launcher reduces the mask once per call to a span per sequence, (first real token,
+Padding: the launcher reduces the mask once per batch (kept for the next call with the same mask
+object: the other layers and the backward) to a span per sequence, (first real token,
 last real token + 1, whether every token between is real). Right- or left-padded masks are dense
 spans: the kernels then never read the mask, and skip every query block and key block outside the
 span. Other masks (holes) keep the general path, which reads the mask once per tile. Padded or
@@ -31,6 +32,8 @@ is accumulated with atomics and the same inputs give bit-identical gradients.
 No autograd here: ``fastbert.ops.attention`` wraps :func:`forward` and :func:`backward`.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 import triton
@@ -408,6 +411,22 @@ def token_spans(key_padding_mask: torch.Tensor) -> torch.Tensor:
     return torch.stack((lo, hi, dense.to(torch.int32)), dim=1).to(torch.int32).contiguous()
 
 
+# The spans of the last mask seen: a model passes one mask to every layer, forward and backward, so
+# they are computed once per batch. Keyed by the mask object and its version counter (an in-place
+# change of the mask invalidates them); a weak reference keeps no mask alive.
+_last_spans: tuple = (None, -1, None)
+
+
+def _spans_of(key_padding_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    global _last_spans
+    ref, version, spans = _last_spans
+    if ref is not None and ref() is key_padding_mask and key_padding_mask._version == version:
+        return spans
+    spans = token_spans(keep)
+    _last_spans = (weakref.ref(key_padding_mask), key_padding_mask._version, spans)
+    return spans
+
+
 class _Layout:
     """What the kernels need to know about q/k/v's layout: strides, sizes, the masks' pointers."""
 
@@ -428,7 +447,7 @@ class _Layout:
         if self.has_mask:
             keep = key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
             self.keep = keep if keep.stride(-1) == 1 else keep.contiguous()
-            self.spans = token_spans(self.keep) if self.keep.numel() else placeholder
+            self.spans = _spans_of(key_padding_mask, self.keep) if self.keep.numel() else placeholder
         else:
             self.keep = placeholder
             self.spans = placeholder

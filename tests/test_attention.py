@@ -239,6 +239,23 @@ def test_dense_spans_drive_the_kernel_without_reading_the_mask(monkeypatch):
                              lambda q, k, v: ops.attention_reference(q, k, v, prefix), inputs, torch.float32)
 
 
+def test_spans_are_computed_once_per_mask(monkeypatch):
+    """Two layers and their backward on one mask reduce it once; changing the mask in place recomputes."""
+    calls = []
+    original = fa.token_spans
+    monkeypatch.setattr(fa, "token_spans", lambda mask: calls.append(1) or original(mask))
+    mask = _padding_mask("right", 3, 40)
+    q, k, v = _qkv((3, 40, 2, 16), torch.float32)
+    with backend.use("triton"):
+        out = ops.attention(ops.attention(q, k, v, mask), k, v, mask)
+        out.sum().backward()
+        assert len(calls) == 1
+        mask[0, 30:] = False
+        changed = ops.attention(q, k, v, mask)
+    assert len(calls) == 2
+    assert torch.all(changed[0, 30:] == 0)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Varlen layout
 # ---------------------------------------------------------------------------------------------------
