@@ -16,6 +16,7 @@ from . import sm90_compile
 
 OP = "static"
 QUICK_SET = "quick"  # case set of --quick (sm90_compile.case_set)
+SWEEP_SET = "full"  # case set otherwise
 
 
 def rows_of(stats: list[sm90_compile.KernelStats]) -> list[Row]:
@@ -36,7 +37,7 @@ def rows_of(stats: list[sm90_compile.KernelStats]) -> list[Row]:
 def run(device: str, dtype: str, quick: bool) -> list[Row]:
     # Static: the same figures whatever the device and dtype asked for (every dtype is in the sweep).
     jobs = max(1, min(8, os.cpu_count() or 1))
-    return rows_of(sm90_compile.compile_in_subprocess(QUICK_SET if quick else "full", jobs=jobs))
+    return rows_of(sm90_compile.compile_in_subprocess(QUICK_SET if quick else SWEEP_SET, jobs=jobs))
 
 
 if __name__ == "__main__":
