@@ -338,7 +338,7 @@ _FWD_CONFIGS = [
 _BWD_DQ_CONFIGS = [
     (128, 64, 8, 2, 128, 128),
     (128, 32, 4, 3, 64, 32),
-    (64, 64, 4, 2, 128, 128),
+    (64, 64, 4, 2, 128, 64),
     (64, 32, 4, 3, 128, 128),
 ]
 _BWD_DKDV_CONFIGS = [
@@ -346,17 +346,17 @@ _BWD_DKDV_CONFIGS = [
     (32, 128, 4, 3, 32, 0),
     (64, 64, 4, 2, 64, 32),
     (32, 64, 4, 3, 64, 64),
-    # dK and dV accumulate in registers: at head dim 128 only narrow key tiles or 8 warps fit.
+    # dK and dV accumulate in registers: at head dim 128 only 32 x 64 on 8 warps fits (static report).
     (32, 64, 8, 3, 128, 128),
-    (64, 32, 4, 2, 128, 128),
+    (64, 32, 4, 2, 64, 64),
 ]
 
 
 # Without autotuning: small tiles that fit shared memory for every dtype and head dim (fp32 hd128 too).
-# The dK/dV kernel keeps two (BLOCK_N, head dim) fp32 accumulators: 8 warps share them without spilling
-# at head dim 128, where 4 spill (sm_90 compile, benchmarks/sm90_compile.py).
+# The dK/dV kernel keeps two (BLOCK_N, head dim) fp32 accumulators: 32 x 64 tiles on 8 warps hold them
+# without spilling at every head dim (64 x 64 on 8 warps spills at 128; sm_90 static report).
 _FIXED_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
-_FIXED_DKDV_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2)
+_FIXED_DKDV_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=3)
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
 
 
