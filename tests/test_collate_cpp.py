@@ -159,3 +159,17 @@ def test_the_cpp_call_checks_its_arguments():
             collate([[CLS, 5, SEP]], **{**args, name: value})
     with pytest.raises(ValueError, match="packing needs the unpad metadata"):
         collate([[CLS, 5, SEP]], **{**args, "packing": True})
+
+
+def test_words_running_across_packed_sequences_are_masked_as_in_python():
+    # No special tokens: a packed row holds sequences back to back, and a "##" piece at the start of one
+    # continues the word that ends the one before it, in both paths alike.
+    rng = np.random.default_rng(8)
+    examples = [rng.integers(4, VOCAB, int(rng.integers(1, 20))).tolist() for _ in range(40)]
+    ours = collator(packing=True, whole_word_mask=True, mlm_probability=0.5)
+    assert_same_batch(ours(examples, seed=21), ours._collate_in_python(examples, 21))
+
+
+def test_out_of_vocabulary_ids_are_named_with_whole_word_masking_too():
+    with pytest.raises(ValueError, match=r"input_ids\[0, 2\] = 5000 is outside the vocabulary \[0, 1000\)"):
+        collator(whole_word_mask=True)([np.array([CLS, 7, 5000, SEP], dtype=np.int32)])
