@@ -12,7 +12,8 @@ The collators (end to end: examples in, padded masked batch out) are measured on
 32x128 and 256x512 whatever the flags, on what the dataset yields: dicts of ragged ``input_ids`` and
 ``token_type_ids`` (lengths uniform in [L/2, L]) as uint16 arrays, int32 arrays or lists of ints, and
 an NSP label. Ours and HF's run alternately on the same examples (one call each per round), so a
-busy machine slows both alike; the summary gives the medians and their ratio.
+busy machine slows both alike; the summary gives the medians and their ratio, wall-clock and
+(more telling on a shared machine) thread CPU time.
 
     python -m benchmarks.bench_masking --device cpu --dtype fp32 [--quick]
 """
@@ -94,8 +95,8 @@ def dataset_examples(rows: int, seqlen: int, form: str, *, seed: int = 0) -> lis
 
 
 def side_by_side(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, tuple[Timing, Timing]]:
-    """Times the calls alternately, one call each per round after a warm-up, so that load on the
-    machine falls on all of them alike. Returns per call (wall-clock, thread CPU time) as (median, p20,
+    """Times the calls alternately, one timed call each per round (right after an untimed one), so
+    that load on the machine falls on all of them alike. Returns per call (wall-clock, thread CPU time) as (median, p20,
     p80) ms: on a one-thread call the CPU time leaves out the time other processes held the core,
     which on a shared machine is most of a short call's wall-clock spread."""
     wall: dict[str, list[float]] = {name: [] for name in calls}
@@ -104,6 +105,7 @@ def side_by_side(calls: dict[str, Callable[[], object]], rounds: int) -> dict[st
         call()
     for _ in range(rounds):
         for name, call in calls.items():
+            call()  # each timed call follows one of its own, as in a loop: what ran before is not billed
             start, start_cpu = time.perf_counter(), time.thread_time()
             call()
             cpu[name].append((time.thread_time() - start_cpu) * 1e3)
