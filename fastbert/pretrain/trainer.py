@@ -87,6 +87,7 @@ class PretrainConfig:
             raise ValueError(f"--stop-at must be in [1, --max-steps={self.max_steps}], got {self.stop_at}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        warmup_steps(self.warmup, self.max_steps)  # a bad --warmup fails here, before the data is prepared
         if self.num_workers < 0 or self.eval_batches < 0 or self.clip < 0 or self.weight_decay < 0:
             raise ValueError("--num-workers, --eval-batches, --clip and --weight-decay must be >= 0")
         if self.corpus and self.data:
@@ -341,12 +342,14 @@ def _unwrap(model):
 
 
 def _export_final(out: Path, model, data) -> Path:
+    from fastbert.data.tokenizer import copy_tokenizer_files
+
     final = out / "final"
     staging = out / ".final-tmp"
     shutil.rmtree(staging, ignore_errors=True)
     _unwrap(model).save_pretrained(staging)
-    for path in data.tokenizer_files:  # full paths (relative to the working directory if the output is)
-        shutil.copy2(path, staging / Path(path).name)
+    # Full paths (relative to the working directory if the output is); an old tokenizer.json gets [CLS]/[SEP].
+    copy_tokenizer_files(data.tokenizer_files, staging)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     return final
