@@ -99,7 +99,8 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastbert.finetune import PRECISIONS, FinetuneConfig
+    from fastbert.device import DEVICES_HELP, PRECISIONS
+    from fastbert.finetune import FinetuneConfig
 
     # The defaults are FinetuneConfig's (it has required fields, so read them off the dataclass).
     d = {f.name: f.default for f in dataclasses.fields(FinetuneConfig) if f.default is not dataclasses.MISSING}
@@ -118,8 +119,8 @@ def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch-size", type=int, default=d["batch_size"])
     a("--seq-len", type=int, default=d["seq_len"], help="longest input in tokens; longer ones are cut")
     a("--precision", default=d["precision"], choices=PRECISIONS,
-      help="auto = bf16 autocast on a GPU that supports it, fp32 otherwise")
-    a("--device", default=d["device"], help="auto | cpu | cuda")
+      help="auto: bf16 autocast on a GPU that has it, fp16 + GradScaler on one that has not, fp32 on the CPU")
+    a("--device", default=d["device"], help=DEVICES_HELP)
     a("--seed", type=int, default=d["seed"])
     a("--max-steps", type=int, default=d["max_steps"], help="stop after this many optimizer steps")
 

@@ -8,7 +8,6 @@ transformers loads (config with ``id2label``, ``model.safetensors``, the tokeniz
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -23,13 +22,13 @@ import torch
 
 from fastbert import weights
 from fastbert.config import BertConfig
+from fastbert.device import PRECISIONS, resolve_device, resolve_precision
 from fastbert.modeling import BertForSequenceClassification
 from fastbert.pretrain.optim import build_optimizer
 from fastbert.pretrain.schedule import build_scheduler, warmup_steps
 
 logger = logging.getLogger("fastbert")
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 _JSON_LINES = (".jsonl", ".ndjson", ".json")
 
@@ -47,7 +46,7 @@ class FinetuneConfig:
     lr: float = 5e-5
     batch_size: int = 32
     seq_len: int = 128
-    precision: str = "auto"  # auto = bf16 on a GPU that has it, else fp32
+    precision: str = "auto"  # auto: bf16 on a GPU that has it, fp16 on one that has not, fp32 on the CPU
     device: str = "auto"
     seed: int = 0
     weight_decay: float = 0.01
@@ -347,28 +346,6 @@ def load_model(model_dir: Path, labels: list[str]) -> BertForSequenceClassificat
     return model
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
-    return device
-
-
-def _autocast(precision: str, device: torch.device):
-    """(autocast context factory, GradScaler or None) for the requested precision."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext, None
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
-
-
 def evaluate(model: BertForSequenceClassification, data: Encoded, batch_size: int, pad_id: int,
              device: torch.device, autocast) -> float:
     """Accuracy of ``model`` on ``data``."""
@@ -411,9 +388,10 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     eval_data = encode(tokenizer, eval_examples, labels, config)
 
     torch.manual_seed(cfg.seed)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     model = load_model(model_dir, labels).to(device).train()
-    autocast, scaler = _autocast(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device)
+    autocast, scaler = precision.autocast, precision.grad_scaler()
     optimizer = build_optimizer(model, "adamw", cfg.lr, cfg.weight_decay, eps=1e-8)  # no decay on biases/LayerNorm
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs

@@ -1,5 +1,6 @@
 """`fastbert finetune`: learns a rule from generated data, saves what transformers loads, rejects bad files."""
 import csv
+import math
 import json
 import random
 
@@ -207,8 +208,10 @@ def test_bad_options(tiny_checkpoint, tmp_path, capsys):
     assert "--seq-len 65 is longer" in finetune_error(capsys, *common[:-2], "--seq-len", "65")
     assert "--lr must be positive" in finetune_error(capsys, *common, "--lr", "0")
     assert "--epochs must be a positive integer" in finetune_error(capsys, *common, "--epochs", "0")
+    # device and precision are resolved by fastbert.device, as for pretrain
+    assert "device must be auto | cpu | cuda | cuda:N, got 'gpu0'" in finetune_error(capsys, *common, "--device", "gpu0")
     if not torch.cuda.is_available():
-        assert "fp16 needs a CUDA GPU" in finetune_error(capsys, *common, "--precision", "fp16")
+        assert "torch sees no CUDA device" in finetune_error(capsys, *common, "--device", "cuda")
 
 
 def test_read_examples_numbers_and_booleans_as_labels(tmp_path):
@@ -332,3 +335,21 @@ def test_cli_defaults_are_the_config_defaults(monkeypatch):
                  "--warmup-ratio", "0.2", "--epochs", "5"]) == 0
     assert captured[-1] == FinetuneConfig(model="m", train="t.csv", eval="e.csv", weight_decay=0.1,
                                           warmup_ratio=0.2, epochs=5)
+
+
+def test_precision_follows_the_shared_rule(tiny_checkpoint, tmp_path, monkeypatch):
+    """fastbert.device decides for finetune as for pretrain: fp16 (with loss scaling) runs on the CPU too,
+    and auto picks fp32 there."""
+    import fastbert.finetune as finetune_module
+
+    picked = []
+    resolve = finetune_module.resolve_precision
+    monkeypatch.setattr(finetune_module, "resolve_precision", lambda *a: picked.append(resolve(*a)) or picked[-1])
+    train = write_csv(tmp_path / "train.csv", generate(16, 1))
+    for precision in ("fp16", "auto"):
+        result = run_finetune(FinetuneConfig(model=str(tiny_checkpoint), train=str(train), eval=str(train),
+                                             text_col="sentence", output=str(tmp_path / precision), epochs=1,
+                                             batch_size=8, seq_len=16, precision=precision, device="cpu"))
+        assert result.steps == 2 and all(math.isfinite(x) for x in result.train_loss)
+    assert [(p.name, p.device_type, p.grad_scaler() is not None) for p in picked] == [("fp16", "cpu", True),
+                                                                                       ("fp32", "cpu", False)]
