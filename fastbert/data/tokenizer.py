@@ -112,49 +112,6 @@ class WordPieceTokenizer:
         return [out_dir / name for name in TOKENIZER_FILES]
 
 
-def bert_post_processor(cls_id: int, sep_id: int) -> processors.TemplateProcessing:
-    """BERT's input template: ``[CLS] A [SEP]``, and for a pair ``[CLS] A [SEP] B [SEP]`` with token type
-    0 up to the first [SEP] and 1 after it (what ``BertTokenizerFast`` produces)."""
-    return processors.TemplateProcessing(single="[CLS] $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
-                                         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-
-
-def with_bert_post_processor(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
-    """A copy of ``tokenizer`` that adds [CLS]/[SEP] as BERT does; ``tokenizer`` itself is not changed."""
-    ids = {token: tokenizer.token_to_id(token) for token in ("[CLS]", "[SEP]")}
-    missing = [token for token, index in ids.items() if index is None]
-    if missing:
-        raise ValueError(f"the vocabulary lacks {' and '.join(missing)}, which BERT puts around every input")
-    copy = tokenizers.Tokenizer.from_str(tokenizer.to_str())
-    copy.post_processor = bert_post_processor(ids["[CLS]"], ids["[SEP]"])
-    return copy
-
-
-def copy_tokenizer_files(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
-    """Copy tokenizer files into ``out_dir``; a ``tokenizer.json`` without a post-processor (as
-    `fastbert prepare` wrote before it added one) gets BERT's, so the copy adds [CLS]/[SEP]."""
-    out_dir = Path(out_dir)
-    written = []
-    for path in map(Path, paths):
-        target = out_dir / path.name
-        if path.name == "tokenizer.json":
-            try:
-                tokenizer = tokenizers.Tokenizer.from_file(str(path))
-            except Exception as err:  # tokenizers raises a bare Exception on a malformed file
-                raise ValueError(f"{path} is not a valid tokenizer.json: {err}") from None
-            if tokenizer.post_processor is None:
-                try:
-                    tokenizer = with_bert_post_processor(tokenizer)
-                except ValueError as err:
-                    raise ValueError(f"{path}: {err}") from None
-                atomic_write_text(target, tokenizer.to_str(pretty=True))
-                written.append(target)
-                continue
-        shutil.copyfile(path, target)
-        written.append(target)
-    return written
-
-
 def train_wordpiece(sentences: Iterable[str], *, vocab_size: int = DEFAULT_VOCAB_SIZE, lowercase: bool = True,
                     min_frequency: int = 2, limit_alphabet: int = 1000) -> WordPieceTokenizer:
     """Learn a WordPiece vocabulary of at most ``vocab_size`` tokens (fewer on a small corpus) from
@@ -230,3 +187,46 @@ def _load_tokenizer_json(path: Path, lowercase: bool | None) -> WordPieceTokeniz
                          "--lowercase/--cased option or use another tokenizer")
     resolved = file_lowercase if file_lowercase is not None else (lowercase if lowercase is not None else True)
     return WordPieceTokenizer(tokenizer, resolved)
+
+
+def bert_post_processor(cls_id: int, sep_id: int) -> processors.TemplateProcessing:
+    """BERT's input template: ``[CLS] A [SEP]``, and for a pair ``[CLS] A [SEP] B [SEP]`` with token type
+    0 up to the first [SEP] and 1 after it (what ``BertTokenizerFast`` produces)."""
+    return processors.TemplateProcessing(single="[CLS] $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+                                         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+
+
+def with_bert_post_processor(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """A copy of ``tokenizer`` that adds [CLS]/[SEP] as BERT does; ``tokenizer`` itself is not changed."""
+    ids = {token: tokenizer.token_to_id(token) for token in ("[CLS]", "[SEP]")}
+    missing = [token for token, index in ids.items() if index is None]
+    if missing:
+        raise ValueError(f"the vocabulary lacks {' and '.join(missing)}, which BERT puts around every input")
+    copy = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+    copy.post_processor = bert_post_processor(ids["[CLS]"], ids["[SEP]"])
+    return copy
+
+
+def copy_tokenizer_files(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
+    """Copy tokenizer files into ``out_dir``; a ``tokenizer.json`` without a post-processor (as
+    `fastbert prepare` wrote before it added one) gets BERT's, so the copy adds [CLS]/[SEP]."""
+    out_dir = Path(out_dir)
+    written = []
+    for path in map(Path, paths):
+        target = out_dir / path.name
+        if path.name == "tokenizer.json":
+            try:
+                tokenizer = tokenizers.Tokenizer.from_file(str(path))
+            except Exception as err:  # tokenizers raises a bare Exception on a malformed file
+                raise ValueError(f"{path} is not a valid tokenizer.json: {err}") from None
+            if tokenizer.post_processor is None:
+                try:
+                    tokenizer = with_bert_post_processor(tokenizer)
+                except ValueError as err:
+                    raise ValueError(f"{path}: {err}") from None
+                atomic_write_text(target, tokenizer.to_str(pretty=True))
+                written.append(target)
+                continue
+        shutil.copyfile(path, target)
+        written.append(target)
+    return written
