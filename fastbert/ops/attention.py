@@ -224,8 +224,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
     q, k, v: (batch, seqlen, heads, head_dim), float16/bfloat16/float32, same shape and device.
     key_padding_mask: (batch, seqlen) bool or int, True/1 = real token (HF's attention_mask), or None.
     Padded keys get zero weight; a query row whose keys are all padding returns zeros.
-    dropout_p: dropout on the attention probabilities (pass 0.0 in eval). softmax_scale: finite and
-    positive, default 1/sqrt(head_dim). Returns (batch, seqlen, heads, head_dim) in q's dtype.
+    dropout_p: dropout on the attention probabilities (pass 0.0 in eval). softmax_scale: default
+    1/sqrt(head_dim). Returns (batch, seqlen, heads, head_dim) in q's dtype.
 
     The Triton kernel (CUDA tensors under the auto backend) takes head_dim a multiple of 8 up to 128
     and float16/bfloat16/float32; other inputs take the torch reference (or raise a ValueError under
