@@ -163,9 +163,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("warmup", ["nan", "inf", "-0.5"])
-def test_bad_warmup_is_named_before_any_work(tmp_path, capsys, warmup):
-    code = cli_main(["pretrain", "--warmup", warmup, "--data", str(tmp_path / "not-read"), "--out",
-                     str(tmp_path / "o"), "--no-progress"])
+def test_bad_warmup_is_a_clear_error(tmp_path, data_dir, capsys, warmup):
+    code = cli_main(["pretrain", "--model", "bert-tiny", "--warmup", warmup, "--data", str(data_dir), "--out",
+                     str(tmp_path / "o"), "--seq-len", "64", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and re.search(r"--warmup must be a (finite )?number >= 0", err) and "Traceback" not in err
 

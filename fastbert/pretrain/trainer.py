@@ -87,7 +87,6 @@ class PretrainConfig:
             raise ValueError(f"--stop-at must be in [1, --max-steps={self.max_steps}], got {self.stop_at}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
-        warmup_steps(self.warmup, self.max_steps)  # a bad --warmup fails here, before the data is prepared
         if self.num_workers < 0 or self.eval_batches < 0 or self.clip < 0 or self.weight_decay < 0:
             raise ValueError("--num-workers, --eval-batches, --clip and --weight-decay must be >= 0")
         if self.corpus and self.data:
