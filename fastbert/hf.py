@@ -205,15 +205,18 @@ def key_padding_mask(attention_mask: Any, batch: int, seqlen: int) -> torch.Tens
     if b not in (1, batch) or h != 1 or q not in (1, seqlen) or k != seqlen:
         raise ValueError(f"a 4-D attention_mask must be (batch or 1, 1, seq_len or 1, seq_len) = ({batch}, 1, {seqlen}, "
                          f"{seqlen}) for this batch, got {tuple(attention_mask.shape)}")
+    # The value checks need the mask's contents on the host: a graph break under torch.compile, where the
+    # mask is transformers' own (create_bidirectional_mask) and is trusted instead.
+    checking = not torch.compiler.is_compiling()
     if attention_mask.dtype == torch.bool:
         allowed = attention_mask
     else:
         allowed = attention_mask == 0
         # an additive mask that is not 0 / "minus infinity" biases attention rather than masking it
-        if not bool((allowed | (attention_mask <= -1e4)).all()):
+        if checking and not bool((allowed | (attention_mask <= -1e4)).all()):
             raise ValueError("a 4-D float attention_mask must be additive padding (0 = attend, <= -1e4 = masked); "
                              "other attention biases are not supported by a model patched by fastbert.patch_hf")
-    if q > 1 and not bool((allowed == allowed[:, :, :1]).all()):
+    if checking and q > 1 and not bool((allowed == allowed[:, :, :1]).all()):
         raise ValueError("this 4-D attention_mask differs between query positions (a causal or custom mask); a model "
                          "patched by fastbert.patch_hf computes bidirectional attention over a padding mask only")
     return allowed[:, 0, 0].expand(batch, seqlen)
