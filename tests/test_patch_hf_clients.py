@@ -56,6 +56,20 @@ def op_calls(monkeypatch):
     return counts
 
 
+@pytest.fixture
+def triton_ran(monkeypatch):
+    """Every ``backend.use_triton`` decision: proves the Triton path ran, not a silent fallback."""
+    decisions = []
+    original = fastbert.backend.use_triton
+
+    def recording(op, tensor, **kwargs):
+        decisions.append((op, original(op, tensor, **kwargs)))
+        return decisions[-1][1]
+
+    monkeypatch.setattr(fastbert.backend, "use_triton", recording)
+    return decisions
+
+
 def close(a, b, tol=1e-5):
     return (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
 
@@ -269,7 +283,7 @@ def test_bert_family_patches_with_same_parameters_and_numbers(cls_name, config_c
         assert close(b[mask.bool()], a[mask.bool()])
 
 
-def test_bert_family_on_the_triton_backend():
+def test_bert_family_on_the_triton_backend(triton_ran):
     plain = make("RobertaForSequenceClassification", config_cls="RobertaConfig", hidden_size=32, num_attention_heads=2,
                  intermediate_size=40, num_hidden_layers=1, max_position_embeddings=30, pad_token_id=1)
     patched = fastbert.patch_hf(copy.deepcopy(plain), unpad=True)
@@ -280,6 +294,8 @@ def test_bert_family_on_the_triton_backend():
     with torch.no_grad():
         a = plain(input_ids=ids, attention_mask=mask).logits
     assert close(b, a, 1e-4)
+    assert {"attention_varlen", "dropout_add_layer_norm", "bias_gelu"} <= {op for op, _ in triton_ran}
+    assert all(used for _, used in triton_ran), triton_ran
 
 
 def test_other_families_are_a_clear_type_error():
@@ -326,6 +342,20 @@ def test_sentence_transformers_encode_patched_matches(minilm_path, unpad, op_cal
     b = patched.encode(SENTENCES, convert_to_tensor=True, batch_size=4)
     assert (a - b).abs().max() <= 1e-5
     assert op_calls["attention_varlen" if unpad else "attention"] > 0
+
+
+def test_sentence_transformers_encode_on_the_triton_backend(minilm_path, op_calls, triton_ran):
+    st = pytest.importorskip("sentence_transformers")
+    plain = st.SentenceTransformer(minilm_path, device="cpu")
+    patched = st.SentenceTransformer(minilm_path, device="cpu")
+    fastbert.patch_hf(patched[0].auto_model, unpad=True)
+    texts = ["A man eats.", "Hi"]  # the interpreter is slow: two short sentences
+    a = plain.encode(texts, convert_to_tensor=True)
+    with fastbert.backend.use("triton"):
+        b = patched.encode(texts, convert_to_tensor=True)
+    assert (a - b).abs().max() <= 1e-5
+    assert op_calls["attention_varlen"] == 6  # MiniLM's six layers, unpadded
+    assert triton_ran and all(used for _, used in triton_ran), triton_ran
 
 
 def test_sentence_transformers_training_steps_match(minilm_path):
