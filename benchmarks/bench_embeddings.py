@@ -87,12 +87,12 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
         real_tokens = sum(min(len(ids), base.max_seq_length) for ids in base.tokenizer(texts)["input_ids"])
         shape = f"{name} N{count} mean{real_tokens / count:.0f}tok"
         for provider in PROVIDERS:
-            model = base  # the same weights: the baseline runs first, then the model is patched in place
+            # the same weights: the baseline runs first, then the model is patched in place
             if provider == "st_patched":
-                fastbert.patch_hf(model[0].auto_model)
-            model.to(DTYPES[dtype]).eval()
+                fastbert.patch_hf(base[0].auto_model)
+            base.to(DTYPES[dtype]).eval()
 
-            def encode():
+            def encode(model=base, texts=texts):
                 with torch.inference_mode():
                     return model.encode(texts, batch_size=32, convert_to_tensor=True, show_progress_bar=False)
 
