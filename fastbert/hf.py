@@ -365,6 +365,16 @@ def _family_of(model: nn.Module) -> _Family | None:
     return next((f for f in FAMILIES if f.module == module), None)
 
 
+def _require_transformers_5() -> None:
+    """The fused encoder takes transformers 5's encoder call (masks built by masking_utils, ``**kwargs``
+    passed down to the layers); transformers 4's differs, so patching it is refused up front."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise ImportError(f"fastbert.patch_hf needs transformers >= 5, found {transformers.__version__} "
+                          "(pip install 'transformers>=5')")
+
+
 def _find_base(model: nn.Module) -> tuple[_Family, nn.Module]:
     """(family, bare model) of a supported transformers model or head; TypeError naming what is supported."""
     family = _family_of(model)
@@ -455,6 +465,7 @@ def patch_hf(model: nn.Module, attention: bool = True, layer_norm: bool = True, 
         raise TypeError(f"fastbert.patch_hf takes a torch.nn.Module, got {type(model).__name__}")
     if unpad is not None and not isinstance(unpad, bool):
         raise TypeError(f"unpad must be None, True or False, got {unpad!r}")
+    _require_transformers_5()
     family, base = _find_base(model)
     register_attention()
     config = base.config

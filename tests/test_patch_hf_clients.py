@@ -434,3 +434,13 @@ def test_trainer_with_gradient_checkpointing_matches(tmp_path):
         assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     assert len(losses["plain"]) == 3
     assert losses["patched"] == pytest.approx(losses["plain"], abs=1e-5), losses
+
+
+def test_transformers_4_is_refused_up_front(monkeypatch):
+    import sys
+
+    model = make("BertModel")
+    # transformers' lazy module may stand in sys.modules under another object than the one imported here
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.57.1")
+    with pytest.raises(ImportError, match="transformers >= 5, found 4.57.1"):
+        fastbert.patch_hf(model)
