@@ -287,9 +287,10 @@ class FusedBertEncoder(nn.Module):
         if keep_padding is None:
             keep_padding = self.keeps_padding
         unpad = self.unpad if self.unpad is not None else varlen_preferred(hidden_states, self.head_dim)
-        # Per-layer hidden states are recorded padded (transformers hooks the layers' outputs).
-        if mask is not None and unpad and not keep_padding and not _requested(kwargs, self.config,
-                                                                                "output_hidden_states"):
+        # Per-layer hidden states are recorded padded (transformers hooks the layers' outputs). Under
+        # torch.compile the batch stays padded: unpadding needs the lengths on the host (a graph break).
+        if (mask is not None and unpad and not keep_padding and not torch.compiler.is_compiling()
+                and not _requested(kwargs, self.config, "output_hidden_states")):
             first_real, all_real = torch.stack((mask[:, 0].all(), mask.all())).tolist()
             # Position 0 is read by the pooler and the first-token classifiers: padding there must hold
             # transformers' values. Without padding there is nothing to drop.

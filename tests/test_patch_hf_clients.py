@@ -167,12 +167,18 @@ def test_labels_at_padding_run_padded_and_ignored_ones_unpadded(cls_name, op_cal
 
 
 # ---- compile, DataParallel, DDP, threads, gradient checkpointing ---------------------------------------------
-def test_torch_compile_gives_transformers_numbers():
+def test_torch_compile_gives_transformers_numbers_without_graph_breaks(op_calls):
     plain = make("BertForSequenceClassification")
-    patched = torch.compile(fastbert.patch_hf(copy.deepcopy(plain), unpad=True), backend="eager")
+    patched = fastbert.patch_hf(copy.deepcopy(plain), unpad=True)
     ids, mask = batch()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(patched)(input_ids=ids, attention_mask=mask)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(patched, backend="eager")
     with torch.no_grad():
-        assert close(patched(input_ids=ids, attention_mask=mask).logits, plain(input_ids=ids, attention_mask=mask).logits)
+        assert close(compiled(input_ids=ids, attention_mask=mask).logits, plain(input_ids=ids, attention_mask=mask).logits)
+    assert op_calls["attention"] > 0 and op_calls["attention_varlen"] == 0  # compiled: padded
 
 
 def test_data_parallel_and_ddp(tmp_path):
