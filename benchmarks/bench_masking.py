@@ -20,6 +20,7 @@ busy machine slows both alike; the summary gives the medians and their ratio, wa
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import statistics
 import tempfile
@@ -206,11 +207,11 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
             rounds = (5 if quick else 15) * (4 if collator_len <= 128 else 1)
             for form in EXAMPLE_FORMS:
                 batch = dataset_examples(collator_rows, collator_len, form)
-                calls = {"fastbert_collator": lambda: ours[collator_len](batch)}
+                calls = {"fastbert_collator": functools.partial(ours[collator_len], batch)}
                 if form == "uint16":
-                    calls["fastbert_collator wwm"] = lambda: ours_whole[collator_len](batch)
+                    calls["fastbert_collator wwm"] = functools.partial(ours_whole[collator_len], batch)
                 if hf_plain is not None:
-                    calls["hf_collator"] = lambda: hf_plain(batch)
+                    calls["hf_collator"] = functools.partial(hf_plain, batch)
                 label = f"{collator_rows}x{collator_len} ragged {form}"
                 for name, (wall, cpu) in side_by_side(calls, rounds).items():
                     provider, _, mode = name.partition(" ")
@@ -249,7 +250,7 @@ def summary(rows: list[Row]) -> str:
         for label in dict.fromkeys(r.shape for r in ragged):
             ms = {(r.provider, r.mode): r.ms_median for r in ragged if r.shape == label}
 
-            def pair(provider: str, mode: str, digits: int) -> str:
+            def pair(provider: str, mode: str, digits: int, ms: dict = ms) -> str:
                 wall, cpu = ms.get((provider, mode)), ms.get((provider, mode + "_cpu"))
                 return "-" if wall is None else f"{wall:.{digits}f} ({cpu:.{digits}f})"
 
