@@ -1,8 +1,11 @@
 """MLMCollator: turns a list of tokenized examples into one masked pre-training batch, on the CPU.
 
 Use it as a DataLoader's ``collate_fn``. It pads (or packs) the examples, applies BERT's dynamic MLM
-masking through the C++ extension (:func:`fastbert.masking.mask_tokens`) and, when asked, computes the
-unpad metadata here, so the GPU step needs no ``nonzero()`` or ``.item()`` host sync.
+masking (the rule and generator of :func:`fastbert.masking.mask_tokens`: same seed, same masks) and,
+when asked, computes the unpad metadata here, so the GPU step needs no ``nonzero()`` or ``.item()``
+host sync. All of it is one C++ call (``fastbert._C.collate_mlm``) for the usual forms below (dicts,
+tuples, bare sequences of Python ints, integer numpy arrays or CPU tensors); other forms and bad
+examples take a Python path that gives the same batch or the error naming the example.
 
 Accepted examples (mixing forms in one batch is fine):
 
