@@ -361,28 +361,100 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         distributed.cleanup(info)
 
 
+@dataclass
+class _Run:
+    """Everything one training run carries from step to step (built by :func:`_set_up`)."""
+
+    cfg: PretrainConfig
+    info: distributed.DistInfo
+    out: Path
+    data: Any
+    config: BertConfig
+    model: BertForPreTraining          # the bare model: saved, evaluated, exported
+    train_model: torch.nn.Module       # what the step calls: the model, under DDP and/or torch.compile
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    amp_dtype: torch.dtype | None
+    step: int
+    batches: Any                       # iterator over collated CPU batches
+    eval_batches: list[dict]
+    params: list[torch.nn.Parameter]
+    metrics: _Metrics
+    result: PretrainResult
+    resumed: ckpt.LoadedCheckpoint | None
+    peak: float | None
+    window: _Window = field(default_factory=lambda: _Window())
+    skipped_steps: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+@dataclass
+class _Window:
+    """Throughput since the last log line, counted from the CPU batches (the step never waits on the device)."""
+
+    tokens: int = 0
+    flops: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+    def restart(self) -> None:
+        self.tokens = 0
+        self.flops = 0.0
+        self.start = time.perf_counter()
+
+
+@dataclass
+class _StepOutput:
+    """One optimisation step's figures, still on the device (read only on log steps)."""
+
+    loss: torch.Tensor
+    mlm_loss: torch.Tensor
+    nsp_loss: torch.Tensor
+    grad_norm: torch.Tensor
+    scale_before: float | None
+
+
 def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> PretrainResult:
     os.environ["FASTBERT_BACKEND"] = cfg.backend
+    run = _set_up(cfg, info)
+    try:
+        while run.step < cfg.max_steps:
+            output = _optimisation_step(run)
+            if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
+                _log_window(run, output)
+            if run.eval_batches and (run.step % cfg.eval_every == 0 or run.step == cfg.max_steps):
+                _eval(run)
+            if run.step == cfg.stop_at and run.step < cfg.max_steps:
+                raise KeyboardInterrupt  # a planned pause: same path as an interrupt
+            if run.step % cfg.save_every == 0 and run.step < cfg.max_steps:
+                _checkpoint(run)
+    except KeyboardInterrupt:
+        return _pause(run)
+    return _finish(run)
+
+
+# --- set-up ----------------------------------------------------------------------------------------
+def _set_up(cfg: PretrainConfig, info: distributed.DistInfo) -> _Run:
+    """Data, model, optimizer, the checkpoint to resume from, the batch streams; RNG restored last."""
     device = info.device
     amp_dtype = _precision(cfg.precision, device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = _data(cfg, out, info)
     config, start_from = _model_config(cfg, data)
-
-    resumed = None
-    if cfg.resume:
-        _check_resume_compatible(out, config)
-        resumed = ckpt.latest_valid(out / "checkpoints", lambda m: _log(info, f"warning: {m}"))
-        if resumed is None:
-            if (out / "checkpoints").is_dir() and ckpt.step_dirs(out / "checkpoints"):
-                raise ckpt.CheckpointError(f"no valid checkpoint under {out / 'checkpoints'}: all are corrupt")
-            _log(info, f"--resume: no checkpoint under {out / 'checkpoints'} yet, starting fresh")
-        elif resumed.trainer_state["world_size"] != info.world_size:
-            raise ValueError(f"{resumed.path} was written by {resumed.trainer_state['world_size']} processes; "
-                             f"resume it with the same number (got {info.world_size})")
-    elif ckpt.step_dirs(out / "checkpoints"):
-        raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+    resumed = _find_resume_point(cfg, info, out, config)
     if info.is_main:
         from fastbert._atomic import atomic_write_text
 
@@ -418,126 +490,175 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> PretrainResult
     if cfg.compile:
         train_model = torch.compile(train_model)
 
+    train_set, batches = _train_batches(cfg, data, info, step)
+    eval_batches = _eval_batches(cfg, data, device)
+    if resumed is not None:
+        # Last thing before the loop, so that nothing in the set-up above shifts the dropout stream.
+        ckpt.set_rng_state(torch.load(resumed.path / ckpt.rng_file(info.rank), weights_only=False))
+    params = [p for p in model.parameters() if p.requires_grad]
+    run = _Run(cfg=cfg, info=info, out=out, data=data, config=config, model=model, train_model=train_model,
+               optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, step=step,
+               batches=batches, eval_batches=eval_batches, params=params,
+               metrics=_Metrics(out, info.is_main, cfg.progress, cfg.max_steps, step),
+               result=PretrainResult(out=out, final_dir=None, steps_done=step), resumed=resumed,
+               peak=peak_tflops(device))
+    _log(info, f"pre-training {cfg.model}: {sum(p.numel() for p in params) / 1e6:.1f} M parameters, "
+               f"{info.world_size} process(es) on {device}, precision {str(amp_dtype or 'fp32').replace('torch.', '')}, "
+               f"backend {cfg.backend}, {len(train_set):,} training pairs per epoch, output {out}")
+    return run
+
+
+def _find_resume_point(cfg: PretrainConfig, info: distributed.DistInfo, out: Path,
+                       config: BertConfig) -> ckpt.LoadedCheckpoint | None:
+    """The newest valid checkpoint under --resume (None: start fresh); refuses to overwrite without it."""
+    if not cfg.resume:
+        if ckpt.step_dirs(out / "checkpoints"):
+            raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+        return None
+    _check_resume_compatible(out, config)
+    resumed = ckpt.latest_valid(out / "checkpoints", lambda m: _log(info, f"warning: {m}"))
+    if resumed is None:
+        if (out / "checkpoints").is_dir() and ckpt.step_dirs(out / "checkpoints"):
+            raise ckpt.CheckpointError(f"no valid checkpoint under {out / 'checkpoints'}: all are corrupt")
+        _log(info, f"--resume: no checkpoint under {out / 'checkpoints'} yet, starting fresh")
+    elif resumed.trainer_state["world_size"] != info.world_size:
+        raise ValueError(f"{resumed.path} was written by {resumed.trainer_state['world_size']} processes; "
+                         f"resume it with the same number (got {info.world_size})")
+    return resumed
+
+
+def _train_batches(cfg: PretrainConfig, data, info: distributed.DistInfo, step: int):
+    """(the training pairs, an iterator over their collated batches from the sample after ``step``)."""
     from fastbert.data.pairs import BertPairDataset, PretrainSampler
 
     train_set = BertPairDataset(data.data_dir, cfg.seq_len, short_seq_prob=cfg.short_seq_prob, seed=cfg.seed,
                                 split="train")
-    collate = _SeededCollate(_collator(cfg, data, device), cfg.seed)
-    samples_per_step = cfg.batch_size * cfg.grad_accum
+    collate = _SeededCollate(_collator(cfg, data, info.device), cfg.seed)
     sampler = PretrainSampler(len(train_set), seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-                              start_index=step * samples_per_step)
-    batches = iter(_loader(train_set, collate, cfg, sampler, device, info.rank))
-    eval_batches = []
-    if cfg.eval_batches:
-        eval_set = BertPairDataset(data.data_dir, cfg.seq_len, short_seq_prob=cfg.short_seq_prob, seed=cfg.seed,
-                                   split="eval")
-        eval_collate = _SeededCollate(_collator(cfg, data, device), cfg.seed + 1)
-        n = min(len(eval_set), cfg.eval_batches * cfg.batch_size)
-        eval_batches = [eval_collate([(i, eval_set[i]) for i in range(s, min(s + cfg.batch_size, n))])
-                        for s in range(0, n, cfg.batch_size)]
+                              start_index=step * cfg.batch_size * cfg.grad_accum)
+    return train_set, iter(_loader(train_set, collate, cfg, sampler, info.device, info.rank))
 
-    if resumed is not None:
-        # Last thing before the loop, so that nothing in the set-up above shifts the dropout stream.
-        ckpt.set_rng_state(torch.load(resumed.path / ckpt.rng_file(info.rank), weights_only=False))
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    params = [p for p in model.parameters() if p.requires_grad]
-    peak = peak_tflops(device)
-    metrics = _Metrics(out, info.is_main, cfg.progress, cfg.max_steps, step)
-    result = PretrainResult(out=out, final_dir=None, steps_done=step)
-    _log(info, f"pre-training {cfg.model}: {sum(p.numel() for p in params) / 1e6:.1f} M parameters, "
-               f"{info.world_size} process(es) on {device}, precision {str(amp_dtype or 'fp32').replace('torch.', '')}, "
-               f"backend {cfg.backend}, {len(train_set):,} training pairs per epoch, output {out}")
 
-    # Counted from the CPU batches: the step itself never waits on the device (only log steps read it).
-    window_tokens = 0
-    window_flops = 0.0
-    window_start = time.perf_counter()
-    skipped_steps = 0
-    try:
-        while step < cfg.max_steps:
-            loss_sum = torch.zeros((), device=device)
-            mlm_sum = torch.zeros((), device=device)
-            nsp_sum = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                cpu_batch = next(batches)
-                window_tokens += int(cpu_batch["attention_mask"].sum())
-                if peak is not None:
-                    window_flops += training_flops(config, cpu_batch["attention_mask"],
-                                                   cpu_batch["masked_positions"].numel(), cpu_batch.get("cu_seqlens"))
-                batch = _to_device(cpu_batch, device)
-                # DDP: all-reduce gradients only on the last micro-step of an accumulation.
-                sync = contextlib.nullcontext() if (not info.distributed or micro == cfg.grad_accum - 1) \
-                    else train_model.no_sync()
-                with sync:
-                    with autocast():
-                        output = train_model(**batch)
-                    loss = output.loss / cfg.grad_accum
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                loss_sum += loss.detach()
-                mlm_sum += output.mlm_loss.detach() / cfg.grad_accum
-                nsp_sum += output.nsp_loss.detach() / cfg.grad_accum
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
-            if scaler is not None:
-                scale_before = scaler.get_scale()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            metrics.advance()
+def _eval_batches(cfg: PretrainConfig, data, device: torch.device) -> list[dict]:
+    """The held-out batches, collated once (fixed masks, so evals along the run are comparable)."""
+    if not cfg.eval_batches:
+        return []
+    from fastbert.data.pairs import BertPairDataset
 
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                totals = distributed.all_reduce_sum(torch.tensor([float(window_tokens), window_flops],
-                                                                 dtype=torch.float64, device=device), info).tolist()
-                elapsed = time.perf_counter() - window_start
-                record = {"step": step, "loss": float(loss_sum), "mlm_loss": float(mlm_sum), "nsp_loss": float(nsp_sum),
-                          "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                          "tokens_per_s": totals[0] / elapsed, "elapsed_s": elapsed}
-                if scaler is not None:
-                    if scaler.get_scale() < scale_before:
-                        skipped_steps += 1
-                    record["loss_scale"] = scaler.get_scale()
-                    record["skipped_steps"] = skipped_steps
-                    if record["loss_scale"] < MIN_LOSS_SCALE:
-                        # Every step overflows: the run is diverging, and fp16 can no longer represent it.
-                        raise FloatingPointError(
-                            f"the fp16 loss scale fell to {record['loss_scale']:.3g} at step {step} (gradients "
-                            "overflow on every step): lower --lr, raise --warmup, or use --precision bf16")
-                if peak is not None:
-                    record["mfu"] = totals[1] / elapsed / (peak * info.world_size * 1e12)
-                metrics.log(record)
-                result.losses.append(record["loss"])
-                window_tokens = 0
-                window_flops = 0.0
-                window_start = time.perf_counter()
-            if eval_batches and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                result.last_eval = evaluate(model, eval_batches, device, amp_dtype)
-                metrics.log({"step": step, **result.last_eval})
-                window_start = time.perf_counter()
-            if step == cfg.stop_at and step < cfg.max_steps:
-                raise KeyboardInterrupt  # a planned pause: same path as an interrupt
-            if step % cfg.save_every == 0 and step < cfg.max_steps:
-                _save(out, step, model, optimizer, scheduler, scaler, cfg, info, step * samples_per_step)
-                window_start = time.perf_counter()
-    except KeyboardInterrupt:
-        # Between steps the state is consistent: keep it, so --resume continues from here.
-        result.interrupted = step != cfg.stop_at
-        _log(info, f"\n{'interrupted' if result.interrupted else 'stopped (--stop-at)'} at step {step}: "
+    eval_set = BertPairDataset(data.data_dir, cfg.seq_len, short_seq_prob=cfg.short_seq_prob, seed=cfg.seed,
+                               split="eval")
+    eval_collate = _SeededCollate(_collator(cfg, data, device), cfg.seed + 1)
+    n = min(len(eval_set), cfg.eval_batches * cfg.batch_size)
+    return [eval_collate([(i, eval_set[i]) for i in range(s, min(s + cfg.batch_size, n))])
+            for s in range(0, n, cfg.batch_size)]
+
+
+# --- one optimisation step -------------------------------------------------------------------------
+def _optimisation_step(run: _Run) -> _StepOutput:
+    """grad_accum micro-batches forward + backward, clip, optimizer and scheduler step."""
+    cfg, info, device = run.cfg, run.info, run.device
+    loss_sum = torch.zeros((), device=device)
+    mlm_sum = torch.zeros((), device=device)
+    nsp_sum = torch.zeros((), device=device)
+    for micro in range(cfg.grad_accum):
+        cpu_batch = next(run.batches)
+        run.window.tokens += int(cpu_batch["attention_mask"].sum())
+        if run.peak is not None:
+            run.window.flops += training_flops(run.config, cpu_batch["attention_mask"],
+                                               cpu_batch["masked_positions"].numel(), cpu_batch.get("cu_seqlens"))
+        batch = _to_device(cpu_batch, device)
+        # DDP: all-reduce gradients only on the last micro-step of an accumulation.
+        sync = contextlib.nullcontext() if (not info.distributed or micro == cfg.grad_accum - 1) \
+            else run.train_model.no_sync()
+        with sync:
+            with run.autocast():
+                output = run.train_model(**batch)
+            loss = output.loss / cfg.grad_accum
+            (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+        loss_sum += loss.detach()
+        mlm_sum += output.mlm_loss.detach() / cfg.grad_accum
+        nsp_sum += output.nsp_loss.detach() / cfg.grad_accum
+    scaler = run.scaler
+    if scaler is not None:
+        scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.clip if cfg.clip > 0 else float("inf"))
+    scale_before = None
+    if scaler is not None:
+        scale_before = scaler.get_scale()
+        scaler.step(run.optimizer)
+        scaler.update()
+    else:
+        run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.metrics.advance()
+    return _StepOutput(loss_sum, mlm_sum, nsp_sum, grad_norm, scale_before)
+
+
+# --- the log window --------------------------------------------------------------------------------
+def _log_window(run: _Run, output: _StepOutput) -> None:
+    """One metrics row: this step's losses, the window's throughput (all ranks), the fp16 loss scale."""
+    info, window, scaler = run.info, run.window, run.scaler
+    totals = distributed.all_reduce_sum(torch.tensor([float(window.tokens), window.flops],
+                                                     dtype=torch.float64, device=run.device), info).tolist()
+    elapsed = time.perf_counter() - window.start
+    record = {"step": run.step, "loss": float(output.loss), "mlm_loss": float(output.mlm_loss),
+              "nsp_loss": float(output.nsp_loss), "lr": run.scheduler.get_last_lr()[0],
+              "grad_norm": float(output.grad_norm), "tokens_per_s": totals[0] / elapsed, "elapsed_s": elapsed}
+    if scaler is not None:
+        if scaler.get_scale() < output.scale_before:
+            run.skipped_steps += 1
+        record["loss_scale"] = scaler.get_scale()
+        record["skipped_steps"] = run.skipped_steps
+        if record["loss_scale"] < MIN_LOSS_SCALE:
+            # Every step overflows: the run is diverging, and fp16 can no longer represent it.
+            raise FloatingPointError(
+                f"the fp16 loss scale fell to {record['loss_scale']:.3g} at step {run.step} (gradients "
+                "overflow on every step): lower --lr, raise --warmup, or use --precision bf16")
+    if run.peak is not None:
+        record["mfu"] = totals[1] / elapsed / (run.peak * info.world_size * 1e12)
+    run.metrics.log(record)
+    run.result.losses.append(record["loss"])
+    window.restart()
+
+
+# --- eval ------------------------------------------------------------------------------------------
+def _eval(run: _Run) -> None:
+    """Held-out MLM/NSP accuracy (see :func:`evaluate`), logged as its own metrics row."""
+    run.result.last_eval = evaluate(run.model, run.eval_batches, run.device, run.amp_dtype)
+    run.metrics.log({"step": run.step, **run.result.last_eval})
+    run.window.start = time.perf_counter()  # eval time is not training throughput
+
+
+# --- checkpoint ------------------------------------------------------------------------------------
+def _checkpoint(run: _Run) -> None:
+    _save(run.out, run.step, run.model, run.optimizer, run.scheduler, run.scaler, run.cfg, run.info,
+          run.step * run.samples_per_step)
+    run.window.start = time.perf_counter()
+
+
+def _pause(run: _Run) -> PretrainResult:
+    """Ctrl-C or --stop-at: between steps the state is consistent, so keep it for --resume."""
+    result = run.result
+    result.interrupted = run.step != run.cfg.stop_at
+    _log(run.info, f"\n{'interrupted' if result.interrupted else 'stopped (--stop-at)'} at step {run.step}: "
                    "writing a checkpoint so that --resume continues from here")
-        if step > 0:
-            _save(out, step, model, optimizer, scheduler, scaler, cfg, info, step * samples_per_step)
-        metrics.close()
-        result.steps_done = step
-        return result
-    metrics.close()
-    _save(out, step, model, optimizer, scheduler, scaler, cfg, info, step * samples_per_step)
-    if info.is_main:
-        result.final_dir = _export_final(out, model, data)
-        _log(info, f"done: {step} steps; model + tokenizer in {result.final_dir}")
-    result.steps_done = step
-    result.param_checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
+    if run.step > 0:
+        _checkpoint(run)
+    run.metrics.close()
+    result.steps_done = run.step
+    return result
+
+
+def _finish(run: _Run) -> PretrainResult:
+    """The last checkpoint, then model + tokenizer exported to OUT/final."""
+    run.metrics.close()
+    _checkpoint(run)
+    result = run.result
+    if run.info.is_main:
+        result.final_dir = _export_final(run.out, run.model, run.data)
+        _log(run.info, f"done: {run.step} steps; model + tokenizer in {result.final_dir}")
+    result.steps_done = run.step
+    result.param_checksum = float(sum(p.detach().double().sum() for p in run.model.parameters()))
     return result
