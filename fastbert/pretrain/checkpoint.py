@@ -251,6 +251,11 @@ def load_trainer_state(path: Path, expected: ExpectedShapes | None = None) -> di
     for rank in range(world_size if isinstance(world_size, int) else 0):
         if rng_file(rank) not in files:
             raise CheckpointError(f"checkpoint {path} is incomplete: {rng_file(rank)} is missing")
+        try:
+            load_rng_state(path / rng_file(rank))
+        except Exception as err:  # refused by the safe unpickler, or not the layout save_rng_state writes
+            raise CheckpointError(f"checkpoint {path} is corrupt or unsafe: cannot read {rng_file(rank)} "
+                                  f"({type(err).__name__})") from None
     if expected is not None:
         _check_model_shapes(path, expected.model)
         _check_optimizer_shapes(path, state["optimizer"], expected.optimizer)
