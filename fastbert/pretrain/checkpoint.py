@@ -116,8 +116,11 @@ def remove_stale_staging(checkpoint_root: Path, keep: Path | None = None) -> Non
 
 
 def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_manifest(staging: Path, step: int) -> None:

@@ -752,8 +752,10 @@ def _pause(run: _Run, interrupted: bool) -> PretrainResult:
         _log(run.info, f"\n{what} at step {run.step}: writing a checkpoint so that --resume continues from here")
         # Mid-step (weights untouched yet) the state is that of the step's start, its RNG state included.
         _checkpoint(run, run.rng_before_step if run.phase == "forward" else None)
-    else:
+    elif run.step > 0:
         _log(run.info, f"\n{what} at step {run.step}: --resume continues from the checkpoint of this step")
+    else:
+        _log(run.info, f"\n{what} before the first step: nothing to save")
     result.steps_done = run.step
     return result
 
