@@ -75,7 +75,9 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     a("--save-every", type=int, default=d.save_every)
     a("--keep", type=int, default=d.keep, help="checkpoints to keep")
     a("--eval-every", type=int, default=d.eval_every)
-    a("--eval-batches", type=int, default=d.eval_batches)
+    a("--eval-batches", type=int, default=d.eval_batches, help="held-out batches per eval (collated once)")
+    a("--eval-fraction", type=float, default=d.eval_fraction,
+      help="fraction of the documents held out for eval (spread over the corpus, never trained on)")
     a("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     a("--stop-at", type=int, default=None,
       help="stop after this step with a checkpoint (for time-limited jobs); --resume continues to --max-steps")
