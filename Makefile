@@ -1,5 +1,5 @@
 # make pretrain — set up .venv and pre-train bert-tiny on the built-in corpus (the main job, a few minutes)
-# make test     — set up .venv and run the test suite (what CI runs)
+# make test     — set up .venv, lint (ruff), then run the test suite (what CI runs)
 # make demo     — encode sentences with a real pre-trained BERT (MiniLM) and print shapes and timing
 # CUDA users: make pretrain TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128" (or any CUDA build)
 PYTHON ?= python3
@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(VENV)/bin/fastbert bench $(ARGS)
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating as a failure"; fi; exit $$rc
 

@@ -9,6 +9,7 @@ dx (the bias gradient's (N,) result is negligible).
 """
 from __future__ import annotations
 
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,7 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
                  torch.randn(m, n, device=device, dtype=torch_dtype)) for _ in range(count)]
         shape = f"{m}x{n}"
         rows += fused_vs_eager_rows(OP, dtype, shape, device, quick, sets, fused, eager,
-                                    lambda mode: _bytes(m, n, elem, mode))
+                                    functools.partial(_bytes, m, n, elem))
     return rows
 
 

@@ -8,8 +8,9 @@ with the training step's tokens/s: data loading must stay well ahead of it (a be
 """
 from __future__ import annotations
 
-import os
+import functools
 import itertools
+import os
 import tempfile
 from pathlib import Path
 
@@ -46,6 +47,16 @@ def _time_once(fn) -> Timing:
     return Timing(ms, ms, ms)
 
 
+def _get_items(dataset, count):
+    return [dataset[i] for i in range(count)]
+
+
+def _drain(loader, batches, loaded_tokens):
+    """Load ``batches`` batches; appends the tokens they hold to ``loaded_tokens``."""
+    loaded_tokens.append(sum(len(example["input_ids"]) for batch in itertools.islice(iter(loader), batches)
+                             for example in batch))
+
+
 def run(device: str, dtype: str, quick: bool) -> list[Row]:
     from fastbert.data import BertPairDataset, Corpus, prepare_corpus, train_wordpiece
 
@@ -75,7 +86,7 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
             dataset = BertPairDataset(data, seq_len)
             count = min(len(dataset), 200 if quick else 2000)
             tokens = sum(len(dataset[i]["input_ids"]) for i in range(count))
-            timing = time_fn(lambda: [dataset[i] for i in range(count)], "cpu", quick=quick)
+            timing = time_fn(functools.partial(_get_items, dataset, count), "cpu", quick=quick)
             rows.append(Row.measured("data_pairs", "fastbert", "getitem", "-", f"seq{seq_len} x{count}", timing,
                                      tokens_per_s=tokens / (timing.median * 1e-3)))
             if quick:
@@ -85,13 +96,8 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
                                                  collate_fn=list, persistent_workers=True, prefetch_factor=4)
             batches = min(len(loader), 100)
             sum(1 for _ in itertools.islice(iter(loader), 2))  # start the workers before timing
-            loaded_tokens = [0]
-
-            def drain():
-                for batch in itertools.islice(iter(loader), batches):
-                    loaded_tokens[0] += sum(len(example["input_ids"]) for example in batch)
-
-            timing = _time_once(drain)
+            loaded_tokens = []
+            timing = _time_once(functools.partial(_drain, loader, batches, loaded_tokens))
             rows.append(Row.measured("data_pairs", "dataloader", f"workers{workers}", "-",
                                      f"seq{seq_len} b64x{batches}", timing,
                                      tokens_per_s=loaded_tokens[0] / (timing.median * 1e-3)))

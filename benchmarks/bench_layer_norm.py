@@ -10,6 +10,7 @@ it is dx itself).
 """
 from __future__ import annotations
 
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,7 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
         rows += fused_vs_eager_rows(OP, dtype, shape, device, quick, sets,
                                     lambda x, r, w, b: fused(x, r, w, b, DROPOUT_P),
                                     lambda x, r, w, b: eager(x, r, w, b, DROPOUT_P),
-                                    lambda mode: _bytes(m, n, elem, mode, DROPOUT_P))
+                                    functools.partial(_bytes, m, n, elem, dropout_p=DROPOUT_P))
     return rows
 
 

@@ -74,6 +74,22 @@ def _build(base, provider: str):
     raise ValueError(provider)
 
 
+def _train_step(model, optimizer, scaler, autocast, batch):
+    """One optimizer step of ``model`` on ``batch`` (bound now, not at call time: the caller loops)."""
+    def step():
+        with autocast:
+            loss = model(**batch).loss
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def run(device: str, dtype: str, quick: bool) -> list[Row]:
     config, batch, seqlen = shapes(device, quick)
     shape = f"B{batch} L{seqlen} H{config['hidden_size']}x{config['num_hidden_layers']}"
@@ -109,17 +125,7 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
         scaler = torch.amp.GradScaler(device) if dtype == "fp16" else None
 
-        def step():
-            with autocast:
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        step = _train_step(model, optimizer, scaler, autocast, dict(input_ids=ids, attention_mask=mask, labels=labels))
 
         try:
             timing = time_fn(step, device, quick=quick)
@@ -128,7 +134,7 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
         else:
             row = Row.measured(OP, provider, "step", dtype, shape, timing, flops=flops)
             rows.append(row)
-        del model, optimizer
+        del model, optimizer, step
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -128,7 +128,7 @@ def _rows(path: Path):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}); expected one JSON object per line")
+                    raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}); expected one JSON object per line") from err
                 if not isinstance(record, dict):
                     raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
                 columns.update(dict.fromkeys(record))

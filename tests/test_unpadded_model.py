@@ -83,7 +83,7 @@ def test_triton_encoder_equals_torch_padded_encoder(unpad, attention_launches):
         assert torch.all(got.last_hidden_state[~mask] == 0)  # padded once at the end, zeros at padding
     assert got_grads.keys() == expected_grads.keys()
     for name, grad in expected_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_pretraining_with_attention_dropout_runs_unpadded_and_is_reproducible(attention_launches):

@@ -51,7 +51,7 @@ class WordPieceTokenizer:
         # Shards hold raw sentences: [CLS]/[SEP] are added when pairs are built, and nothing is cut.
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
-        self.special_ids  # checks that the five special tokens exist
+        _ = self.special_ids  # raises ValueError unless the five special tokens exist
 
     @property
     def vocab_size(self) -> int:
