@@ -11,7 +11,16 @@ from fastbert.data.pairs import eval_documents
 from fastbert.pretrain import showcase
 from fastbert.pretrain.trainer import pretrain
 
-from tests.test_pretrain import config, data_dir  # noqa: F401  (data_dir is a fixture)
+from tests.test_pretrain import config, write_corpus
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from fastbert.data import prepare_corpus
+
+    root = tmp_path_factory.mktemp("showcase-data")
+    prepare_corpus([write_corpus(root / "corpus.txt")], root / "data", vocab_size=200)
+    return root / "data"
 
 EXAMPLE = re.compile(r"^(\d+)\. (.*)\n   ([✓ ]) true: (\S+)\s+top-3: (.*)$", re.MULTILINE)
 GUESS = re.compile(r"(\S+) \((\d+)%\)")
@@ -25,7 +34,7 @@ def held_out_sentences(data_dir, fraction):
             for d in eval_documents(data.num_documents, fraction).tolist() for sentence in store.document(d)}
 
 
-def test_run_ends_with_masked_words_and_curves(tmp_path, data_dir, capsys):  # noqa: F811
+def test_run_ends_with_masked_words_and_curves(tmp_path, data_dir, capsys):
     out = tmp_path / "run"
     result = pretrain(config(out, data_dir, max_steps=30, eval_every=10, eval_batches=4, lr=1e-2))
     text = (out / showcase.SHOWCASE_FILE).read_text()
@@ -54,7 +63,7 @@ def test_run_ends_with_masked_words_and_curves(tmp_path, data_dir, capsys):  # n
     assert result.last_eval == {k: v for k, v in evals[-1].items() if k != "step"}
 
 
-def test_eval_draws_the_asked_pairs_from_held_out_documents_only(tmp_path, data_dir):  # noqa: F811
+def test_eval_draws_the_asked_pairs_from_held_out_documents_only(tmp_path, data_dir):
     # 3 held-out documents hold fewer than 12 x 8 pairs of 64 tokens: further passes draw new ones.
     result = pretrain(config(tmp_path, data_dir, max_steps=1, eval_every=1, eval_batches=12))
     last = result.last_eval
@@ -81,7 +90,7 @@ def test_no_matplotlib_means_no_png_and_a_note(tmp_path, monkeypatch):
     assert not (tmp_path / "curves.png").exists()
 
 
-def test_bad_arguments(data_dir):  # noqa: F811
+def test_bad_arguments(data_dir):
     data = load_prepared(data_dir)
     vocab = (data_dir / "vocab.txt").read_text().splitlines()
     with pytest.raises(ValueError, match="count"):
