@@ -42,6 +42,7 @@ def test_run_ends_with_masked_words_and_curves(tmp_path, data_dir, capsys):
     examples = EXAMPLE.findall(text)
     assert [int(e[0]) for e in examples] == [1, 2, 3, 4, 5, 6]
     held_out = held_out_sentences(data_dir, 0.05)
+    assert len({sentence.replace("[MASK]", true_word) for _, sentence, _, true_word, _ in examples}) == 6
     for _, sentence, mark, true_word, guesses in examples:
         assert sentence.count("[MASK]") == 1
         # The masked word is the true word of a sentence of a held-out document.

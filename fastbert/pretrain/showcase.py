@@ -73,6 +73,7 @@ def masked_word_examples(model, data, documents: Sequence[int], vocab: Sequence[
     was_training = model.training
     model.eval()
     examples: list[MaskedWordExample] = []
+    shown_sentences: set[tuple[int, int]] = set()
     # A bounded search: documents made only of short or symbol-only sentences give no example.
     for _ in range(count * 50):
         if len(examples) == count:
@@ -80,12 +81,15 @@ def masked_word_examples(model, data, documents: Sequence[int], vocab: Sequence[
         document = int(documents[int(rng.integers(0, len(documents)))])
         sentences = store.document(document)
         s = int(rng.integers(0, len(sentences)))
+        if (document, s) in shown_sentences:
+            continue
         sentence = [int(t) for t in sentences[s]][:max_seq_len // 2 - 2]
         pieces = [vocab[t] for t in sentence]
         positions = _maskable_positions(pieces)
         if len(sentence) < _MIN_SENTENCE_TOKENS or not positions:
             continue
         position = positions[int(rng.integers(0, len(positions)))]
+        shown_sentences.add((document, s))
         following = [int(t) for t in sentences[s + 1]] if s + 1 < len(sentences) else []
         following = following[:max_seq_len - len(sentence) - 3]
         ids = [data.cls_id, *sentence, data.sep_id] + ([*following, data.sep_id] if following else [])
