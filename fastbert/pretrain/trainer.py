@@ -42,7 +42,9 @@ class PretrainConfig:
     batch_size: int = 32                     # per device, per micro-step
     grad_accum: int = 1
     seq_len: int = 128
-    lr: float | None = None                  # default: 2e-3 for LAMB, 5e-4 for AdamW (small models)
+    # default: 2e-2 for LAMB (measured best for bert-tiny at batch 32, docs/pretrain_sweep.md; large models
+    # and batches want their own), 5e-4 for AdamW
+    lr: float | None = None
     warmup: float = 0.06                     # < 1: fraction of max_steps; >= 1: steps
     schedule: str = "linear"                 # linear | poly
     optimizer: str = "lamb"                  # lamb | adamw
@@ -478,7 +480,7 @@ def _set_up(cfg: PretrainConfig, info: distributed.DistInfo) -> _Run:
     else:
         model = BertForPreTraining(config)
     model.to(device).train()
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr or (2e-3 if cfg.optimizer == "lamb" else 5e-4),
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr or (2e-2 if cfg.optimizer == "lamb" else 5e-4),
                                 cfg.weight_decay)
     scheduler = build_scheduler(optimizer, warmup=warmup_steps(cfg.warmup, cfg.max_steps), max_steps=cfg.max_steps,
                                 schedule=cfg.schedule)
