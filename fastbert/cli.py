@@ -47,7 +47,9 @@ def _pretrain(args: argparse.Namespace) -> int:
     fields = {f for f in PretrainConfig.__dataclass_fields__}
     config = PretrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     result = pretrain(config)
-    return 130 if result.interrupted else 0
+    if not result.interrupted:
+        return 0
+    return 143 if result.signal == "SIGTERM" else 130  # 128 + the signal number, as shells report it
 
 
 def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
@@ -183,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:
         # Bad input is reported as one line, not a traceback.
         print(f"fastbert {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # A full disk, a read-only folder, ...: what failed and where, in one line.
+        where = f": {err.filename}" if err.filename else ""
+        print(f"fastbert {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fastbert {args.command}: interrupted", file=sys.stderr)
