@@ -65,7 +65,7 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch-size", type=int, default=d.batch_size, help="sequences per device per micro-step")
     a("--grad-accum", type=int, default=d.grad_accum)
     a("--seq-len", type=int, default=d.seq_len)
-    a("--lr", type=float, default=None, help="peak learning rate (default 2e-3 LAMB, 5e-4 AdamW)")
+    a("--lr", type=float, default=None, help="peak learning rate (default 2e-2 LAMB: tuned for bert-tiny at batch 32; 5e-4 AdamW)")
     a("--warmup", type=float, default=d.warmup, help="< 1: fraction of max steps; >= 1: steps")
     a("--schedule", choices=("linear", "poly"), default=d.schedule)
     a("--optimizer", choices=("lamb", "adamw"), default=d.optimizer)
@@ -78,7 +78,9 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     a("--save-every", type=int, default=d.save_every)
     a("--keep", type=int, default=d.keep, help="checkpoints to keep")
     a("--eval-every", type=int, default=d.eval_every)
-    a("--eval-batches", type=int, default=d.eval_batches)
+    a("--eval-batches", type=int, default=d.eval_batches, help="held-out batches per eval (collated once)")
+    a("--eval-fraction", type=float, default=d.eval_fraction,
+      help="fraction of the documents held out for eval (spread over the corpus, never trained on)")
     a("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     a("--stop-at", type=int, default=None,
       help="stop after this step with a checkpoint (for time-limited jobs); --resume continues to --max-steps")

@@ -45,7 +45,9 @@ class PretrainConfig:
     batch_size: int = 32                     # per device, per micro-step
     grad_accum: int = 1
     seq_len: int = 128
-    lr: float | None = None                  # default: 2e-3 for LAMB, 5e-4 for AdamW (small models)
+    # default: 2e-2 for LAMB (measured best for bert-tiny at batch 32, docs/pretrain_sweep.md; large models
+    # and batches want their own), 5e-4 for AdamW
+    lr: float | None = None
     warmup: float = 0.06                     # < 1: fraction of max_steps; >= 1: steps
     schedule: str = "linear"                 # linear | poly
     optimizer: str = "lamb"                  # lamb | adamw
@@ -56,8 +58,10 @@ class PretrainConfig:
     log_every: int = 10
     save_every: int = 200
     keep: int = 3
-    eval_every: int = 200
-    eval_batches: int = 8
+    eval_every: int = 250
+    # 80 x 32 held-out pairs: the binomial standard error of NSP accuracy is <= 1 point (MLM: ~0.2).
+    eval_batches: int = 80
+    eval_fraction: float = 0.05              # documents held out for eval, never trained on
     resume: bool = False
     stop_at: int | None = None               # stop after this step (checkpointed), as if interrupted
     whole_word_mask: bool = False
@@ -99,6 +103,8 @@ class PretrainConfig:
             raise ValueError("--num-workers and --eval-batches must be >= 0")
         if self.corpus and self.data:
             raise ValueError("give either --corpus (prepared on the fly) or --data (already prepared), not both")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
         if not 0 < self.mlm_probability < 1:
             raise ValueError(f"mlm probability must be in (0, 1), got {self.mlm_probability}")
 
@@ -247,8 +253,12 @@ def evaluate(model: BertForPreTraining, batches: list[dict], device: torch.devic
         loss_sum += float(out.loss)
     model.train(was_training)
     n = max(len(batches), 1)
-    return {"eval_loss": loss_sum / n, "mlm_accuracy": correct_mlm / max(total_mlm, 1),
-            "nsp_accuracy": correct_nsp / max(total_nsp, 1)}
+    mlm, nsp = correct_mlm / max(total_mlm, 1), correct_nsp / max(total_nsp, 1)
+    # Binomial standard errors: how far another draw of held-out pairs could move each accuracy.
+    return {"eval_loss": loss_sum / n, "mlm_accuracy": mlm, "nsp_accuracy": nsp,
+            "mlm_accuracy_se": math.sqrt(mlm * (1 - mlm) / max(total_mlm, 1)),
+            "nsp_accuracy_se": math.sqrt(nsp * (1 - nsp) / max(total_nsp, 1)),
+            "eval_pairs": total_nsp, "eval_masked_tokens": total_mlm}
 
 
 class _Metrics:
@@ -467,6 +477,7 @@ class _StepOutput:
     mlm_loss: torch.Tensor
     nsp_loss: torch.Tensor
     grad_norm: torch.Tensor
+    accuracy: torch.Tensor          # (MLM, NSP) accuracy of the last micro-batch
 
 
 def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> PretrainResult:
@@ -527,7 +538,7 @@ def _set_up(cfg: PretrainConfig, info: distributed.DistInfo, out: Path, stop: St
     else:
         model = BertForPreTraining(config)
     model.to(device).train()
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr or (2e-3 if cfg.optimizer == "lamb" else 5e-4),
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr or (2e-2 if cfg.optimizer == "lamb" else 5e-4),
                                 cfg.weight_decay)
     scheduler = build_scheduler(optimizer, warmup=warmup_steps(cfg.warmup, cfg.max_steps), max_steps=cfg.max_steps,
                                 schedule=cfg.schedule)
@@ -605,7 +616,7 @@ def _train_batches(cfg: PretrainConfig, data, info: distributed.DistInfo, step: 
     from fastbert.data.pairs import BertPairDataset, PretrainSampler
 
     train_set = BertPairDataset(data.data_dir, cfg.seq_len, short_seq_prob=cfg.short_seq_prob, seed=cfg.seed,
-                                split="train")
+                                split="train", eval_fraction=cfg.eval_fraction)
     collate = _SeededCollate(_collator(cfg, data, info.device), cfg.seed)
     sampler = PretrainSampler(len(train_set), seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                               start_index=step * cfg.batch_size * cfg.grad_accum)
@@ -613,17 +624,26 @@ def _train_batches(cfg: PretrainConfig, data, info: distributed.DistInfo, step: 
 
 
 def _eval_batches(cfg: PretrainConfig, data, device: torch.device) -> list[dict]:
-    """The held-out batches, collated once (fixed masks, so evals along the run are comparable)."""
+    """The held-out batches, collated once (fixed masks, so evals along the run are comparable).
+
+    ``eval_batches * batch_size`` pairs. When the held-out documents hold fewer, further passes over
+    them draw new pairs (other starts, A/B cuts, random next sentences and masks), as BERT's
+    ``dupe_factor`` does for its training data."""
     if not cfg.eval_batches:
         return []
     from fastbert.data.pairs import BertPairDataset
 
-    eval_set = BertPairDataset(data.data_dir, cfg.seq_len, short_seq_prob=cfg.short_seq_prob, seed=cfg.seed,
-                               split="eval")
+    wanted = cfg.eval_batches * cfg.batch_size
+    pairs = []
+    for repeat in range(wanted):  # bounded: every pass adds at least one pair
+        eval_set = BertPairDataset(data.data_dir, cfg.seq_len, short_seq_prob=cfg.short_seq_prob,
+                                   seed=cfg.seed + 7_919 * repeat, split="eval", eval_fraction=cfg.eval_fraction)
+        pairs += [eval_set[i] for i in range(min(len(eval_set), wanted - len(pairs)))]
+        if len(pairs) == wanted:
+            break
     eval_collate = _SeededCollate(_collator(cfg, data, device), cfg.seed + 1)
-    n = min(len(eval_set), cfg.eval_batches * cfg.batch_size)
-    return [eval_collate([(i, eval_set[i]) for i in range(s, min(s + cfg.batch_size, n))])
-            for s in range(0, n, cfg.batch_size)]
+    return [eval_collate(list(enumerate(pairs[s:s + cfg.batch_size], start=s)))
+            for s in range(0, len(pairs), cfg.batch_size)]
 
 
 # --- one optimisation step -------------------------------------------------------------------------
@@ -675,7 +695,17 @@ def _optimisation_step(run: _Run) -> _StepOutput:
     run.step += 1
     run.phase = "between"
     run.metrics.advance()
-    return _StepOutput(loss_sum, mlm_sum, nsp_sum, grad_norm)
+    return _StepOutput(loss_sum, mlm_sum, nsp_sum, grad_norm, _batch_accuracy(output, batch))
+
+
+def _batch_accuracy(output, batch: dict[str, Any]) -> torch.Tensor:
+    """(MLM, NSP) accuracy of one training batch, on the device (no sync): the training curves."""
+    # The decoder's rows follow masked_positions (row-major labels != -100); indexing by it avoids the
+    # device sync of a boolean mask.
+    targets = batch["labels"].reshape(-1)[batch["masked_positions"]]
+    mlm = (output.prediction_logits.detach().argmax(-1) == targets).float().mean()
+    nsp = (output.seq_relationship_logits.detach().argmax(-1) == batch["next_sentence_label"]).float().mean()
+    return torch.stack([mlm, nsp])
 
 
 def _check_diverged(run: _Run) -> None:
@@ -699,6 +729,7 @@ def _log_window(run: _Run, output: _StepOutput) -> None:
     record = {"step": run.step, "loss": float(output.loss), "mlm_loss": float(output.mlm_loss),
               "nsp_loss": float(output.nsp_loss), "lr": run.scheduler.get_last_lr()[0],
               "grad_norm": float(output.grad_norm), "tokens_per_s": totals[0] / elapsed, "elapsed_s": elapsed}
+    record["mlm_accuracy_train"], record["nsp_accuracy_train"] = output.accuracy.tolist()
     if scaler is not None:
         record["loss_scale"] = scaler.get_scale()
         record["skipped_steps"] = int(run.skipped_steps)
@@ -726,6 +757,22 @@ def _eval(run: _Run) -> None:
     run.result.last_eval = evaluate(run.model, run.eval_batches, run.device, run.precision.dtype)
     run.metrics.log({"step": run.step, **run.result.last_eval})
     run.window.start = time.perf_counter()  # eval time is not training throughput
+
+
+def _show(run: _Run) -> None:
+    """The end-of-run report: final held-out accuracy, masked-word examples and curves (OUT/showcase.txt,
+    OUT/curves.png)."""
+    from fastbert.data.pairs import eval_documents
+    from fastbert.pretrain import showcase
+
+    last = run.result.last_eval
+    if last is not None:
+        _log(run.info, f"held-out eval at step {run.step} ({last['eval_pairs']:,} pairs): MLM accuracy "
+                       f"{last['mlm_accuracy']:.1%} ± {last['mlm_accuracy_se']:.1%}, NSP accuracy "
+                       f"{last['nsp_accuracy']:.1%} ± {last['nsp_accuracy_se']:.1%}, loss {last['eval_loss']:.3f}")
+    held_out = eval_documents(run.data.num_documents, run.cfg.eval_fraction)
+    _log(run.info, showcase.write_showcase(run.out, run.model, run.data, held_out, max_seq_len=run.cfg.seq_len,
+                                           seed=run.cfg.seed, device=run.device).rstrip())
 
 
 # --- checkpoint ------------------------------------------------------------------------------------
@@ -770,6 +817,7 @@ def _finish(run: _Run) -> PretrainResult:
     if run.info.is_main:
         result.final_dir = _export_final(run.out, run.model, run.data)
         _log(run.info, f"done: {run.step} steps; model + tokenizer in {result.final_dir}")
+        _show(run)
     result.steps_done = run.step
     result.param_checksum = float(sum(p.detach().double().sum() for p in run.model.parameters()))
     return result
