@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import tokenizers
-from tokenizers import BertWordPieceTokenizer
+from tokenizers import BertWordPieceTokenizer, processors
 
 from fastbert._atomic import atomic_write_text
 
@@ -86,12 +87,15 @@ class WordPieceTokenizer:
         return hashlib.sha256("\n".join(self.vocab_tokens()).encode("utf-8")).hexdigest()
 
     def save(self, out_dir: str | os.PathLike, *, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> list[Path]:
-        """Write ``vocab.txt``, ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``."""
+        """Write ``vocab.txt``, ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``.
+
+        The ``tokenizer.json`` carries BERT's template post-processor (see :func:`bert_post_processor`),
+        so whoever encodes with it (``tokenizers``, transformers, `fastbert finetune`) gets [CLS]/[SEP]."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         tokens = self.vocab_tokens()
         atomic_write_text(out_dir / "vocab.txt", "".join(f"{token}\n" for token in tokens))
-        atomic_write_text(out_dir / "tokenizer.json", self.tokenizer.to_str(pretty=True))
+        atomic_write_text(out_dir / "tokenizer.json", with_bert_post_processor(self.tokenizer).to_str(pretty=True))
         special_map = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
                        "cls_token": "[CLS]", "mask_token": "[MASK]"}
         config = {
@@ -183,3 +187,46 @@ def _load_tokenizer_json(path: Path, lowercase: bool | None) -> WordPieceTokeniz
                          "--lowercase/--cased option or use another tokenizer")
     resolved = file_lowercase if file_lowercase is not None else (lowercase if lowercase is not None else True)
     return WordPieceTokenizer(tokenizer, resolved)
+
+
+def bert_post_processor(cls_id: int, sep_id: int) -> processors.TemplateProcessing:
+    """BERT's input template: ``[CLS] A [SEP]``, and for a pair ``[CLS] A [SEP] B [SEP]`` with token type
+    0 up to the first [SEP] and 1 after it (what ``BertTokenizerFast`` produces)."""
+    return processors.TemplateProcessing(single="[CLS] $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+                                         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+
+
+def with_bert_post_processor(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """A copy of ``tokenizer`` that adds [CLS]/[SEP] as BERT does; ``tokenizer`` itself is not changed."""
+    ids = {token: tokenizer.token_to_id(token) for token in ("[CLS]", "[SEP]")}
+    missing = [token for token, index in ids.items() if index is None]
+    if missing:
+        raise ValueError(f"the vocabulary lacks {' and '.join(missing)}, which BERT puts around every input")
+    copy = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+    copy.post_processor = bert_post_processor(ids["[CLS]"], ids["[SEP]"])
+    return copy
+
+
+def copy_tokenizer_files(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
+    """Copy tokenizer files into ``out_dir``; a ``tokenizer.json`` without a post-processor (as
+    `fastbert prepare` wrote before it added one) gets BERT's, so the copy adds [CLS]/[SEP]."""
+    out_dir = Path(out_dir)
+    written = []
+    for path in map(Path, paths):
+        target = out_dir / path.name
+        if path.name == "tokenizer.json":
+            try:
+                tokenizer = tokenizers.Tokenizer.from_file(str(path))
+            except Exception as err:  # tokenizers raises a bare Exception on a malformed file
+                raise ValueError(f"{path} is not a valid tokenizer.json: {err}") from None
+            if tokenizer.post_processor is None:
+                try:
+                    tokenizer = with_bert_post_processor(tokenizer)
+                except ValueError as err:
+                    raise ValueError(f"{path}: {err}") from None
+                atomic_write_text(target, tokenizer.to_str(pretty=True))
+                written.append(target)
+                continue
+        shutil.copyfile(path, target)
+        written.append(target)
+    return written

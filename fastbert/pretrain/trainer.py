@@ -341,12 +341,14 @@ def _unwrap(model):
 
 
 def _export_final(out: Path, model, data) -> Path:
+    from fastbert.data.tokenizer import copy_tokenizer_files
+
     final = out / "final"
     staging = out / ".final-tmp"
     shutil.rmtree(staging, ignore_errors=True)
     _unwrap(model).save_pretrained(staging)
-    for path in data.tokenizer_files:  # full paths (relative to the working directory if the output is)
-        shutil.copy2(path, staging / Path(path).name)
+    # Full paths (relative to the working directory if the output is); an old tokenizer.json gets [CLS]/[SEP].
+    copy_tokenizer_files(data.tokenizer_files, staging)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     return final
