@@ -9,17 +9,19 @@ Two layouts share the kernels, chosen by a compile-time flag:
 
 Numerics: scores and the online softmax run in fp32 in the exp2 domain; the forward saves the
 log-sum-exp (base 2, of the scaled scores) per query row, and the backward recomputes the
-probabilities from it, so nothing of size seqlen² is ever stored. A query row that is padding, or
-whose keys are all padding, gets output 0 and log-sum-exp +inf, which makes every recomputed
-probability of that row exactly 0 (so it adds nothing to dK/dV and gets dQ = 0).
+probabilities from it, so nothing of size seqlen² is ever stored. A row whose keys are all padding
+gets output 0 and log-sum-exp +inf, which makes every recomputed probability of that row exactly 0.
+Padding query rows attend to the real keys, as in transformers (heads such as question answering read
+those positions).
 
 Padding: the launcher reduces the mask once per batch (kept for the next call with the same mask
 object: the other layers and the backward) to a span per sequence, (first real token,
 last real token + 1, whether every token between is real). Right- or left-padded masks are dense
-spans: the kernels then never read the mask, and skip every query block and key block outside the
-span. Other masks (holes) keep the general path, which reads the mask once per tile. Padded or
-out-of-range q/k/v rows are loaded as zeros and their scores set to -inf, so garbage (even NaN)
-there reaches neither outputs nor gradients.
+spans: the kernels then never read the mask, and skip every key block outside the span (all of them
+for a sequence with no real token, whose query blocks then only write zeros). Other masks (holes)
+keep the general path, which reads the mask once per key tile. Padded or out-of-range keys and
+values are loaded as zeros and their scores set to -inf, so garbage (even NaN) there reaches neither
+outputs nor gradients.
 
 Dropout on the attention probabilities uses the shared RNG of :mod:`fastbert.kernels.dropout`, one
 Philox call per (batch * heads + head, query, 8 keys): the backward regenerates the same mask from
@@ -124,22 +126,19 @@ def _attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     in_dim = offs_d < HEAD_DIM
     row_ok = rows < n
-    row_real = _real_tokens(KEEP, b, rows, lo, hi, dense, stride_keep_b, HAS_MASK)
     b64 = b.to(tl.int64)
     tok64 = tok0.to(tl.int64)
 
     q_ptrs = Q + b64 * stride_qb + (tok64 + rows)[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_real[:, None] & in_dim[None, :], other=0.0)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & in_dim[None, :], other=0.0)
     k_base = K + b64 * stride_kb + tok64 * stride_kt + h * stride_kh
     v_base = V + b64 * stride_vb + tok64 * stride_vt + h * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # Only key blocks that meet the span; none at all for a query block that is all padding.
-    first_key = (lo // BLOCK_N) * BLOCK_N
-    last_key = tl.where((start_m < hi) & (start_m + BLOCK_M > lo), hi, first_key)
-    for start_n in range(first_key, last_key, BLOCK_N):
+    # Only the key blocks that meet the span (none for a sequence without a real token).
+    for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         cols = start_n + offs_n
         real = _real_tokens(KEEP, b, cols, lo, hi, dense, stride_keep_b, HAS_MASK)
         kv_mask = real[:, None] & in_dim[None, :]
@@ -159,7 +158,7 @@ def _attention_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    has_keys = (l_i > 0.0) & row_real
+    has_keys = l_i > 0.0
     inv_l = tl.where(has_keys, 1.0 / tl.where(has_keys, l_i, 1.0), 0.0)
     if HAS_DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
@@ -205,15 +204,14 @@ def _attention_bwd_dq_kernel(
     in_dim = offs_d < HEAD_DIM
     row_ok = rows < n
     tile_mask = row_ok[:, None] & in_dim[None, :]
-    real_mask = _real_tokens(KEEP, b, rows, lo, hi, dense, stride_keep_b, HAS_MASK)[:, None] & in_dim[None, :]
     b64 = b.to(tl.int64)
     tok64 = tok0.to(tl.int64)
     row_off = (tok64 + rows)[:, None]
 
-    q = tl.load(Q + b64 * stride_qb + row_off * stride_qt + h * stride_qh + offs_d[None, :], mask=real_mask, other=0.0)
+    q = tl.load(Q + b64 * stride_qb + row_off * stride_qt + h * stride_qh + offs_d[None, :], mask=tile_mask, other=0.0)
     do = tl.load(DOUT + b64 * stride_dob + row_off * stride_dot + h * stride_doh + offs_d[None, :],
-                 mask=real_mask, other=0.0)
-    o = tl.load(OUT + b64 * stride_ob + row_off * stride_ot + h * stride_oh + offs_d[None, :], mask=real_mask, other=0.0)
+                 mask=tile_mask, other=0.0)
+    o = tl.load(OUT + b64 * stride_ob + row_off * stride_ot + h * stride_oh + offs_d[None, :], mask=tile_mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     lse_row0 = tok64 if IS_VARLEN else b64 * seqlen
     lse_ptrs = h * stride_lse_h + lse_row0 + rows
@@ -223,9 +221,7 @@ def _attention_bwd_dq_kernel(
     k_base = K + b64 * stride_kb + tok64 * stride_kt + h * stride_kh
     v_base = V + b64 * stride_vb + tok64 * stride_vt + h * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    first_key = (lo // BLOCK_N) * BLOCK_N
-    last_key = tl.where((start_m < hi) & (start_m + BLOCK_M > lo), hi, first_key)
-    for start_n in range(first_key, last_key, BLOCK_N):
+    for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         cols = start_n + offs_n
         real = _real_tokens(KEEP, b, cols, lo, hi, dense, stride_keep_b, HAS_MASK)
         kv_mask = real[:, None] & in_dim[None, :]
@@ -263,7 +259,7 @@ def _attention_bwd_dkdv_kernel(
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One program per (key block, batch * head): dK and dV for those keys, looping over the real queries."""
+    """One program per (key block, batch * head): dK and dV for those keys, looping over all queries."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h, tok0, n = _locate_sequence(pid_bh, num_heads, seqlen, CU_SEQLENS, IS_VARLEN)
@@ -292,15 +288,15 @@ def _attention_bwd_dkdv_kernel(
         q_base = Q + b64 * stride_qb + tok64 * stride_qt + h * stride_qh
         do_base = DOUT + b64 * stride_dob + tok64 * stride_dot + h * stride_doh
         lse_row0 = tok64 if IS_VARLEN else b64 * seqlen
-        # Padding queries have output 0 and lse +inf: only query blocks that meet the span contribute.
-        for start_m in range((lo // BLOCK_M) * BLOCK_M, hi, BLOCK_M):
+        # Padding queries attend to the real keys too, so every query block contributes.
+        for start_m in range(0, n, BLOCK_M):
             rows = start_m + offs_m
-            row_real = _real_tokens(KEEP, b, rows, lo, hi, dense, stride_keep_b, HAS_MASK)
-            tile_mask = row_real[:, None] & in_dim[None, :]
+            row_ok = rows < n
+            tile_mask = row_ok[:, None] & in_dim[None, :]
             q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=tile_mask, other=0.0)
             do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=tile_mask, other=0.0)
-            lse = tl.load(LSE + h * stride_lse_h + lse_row0 + rows, mask=row_real, other=float("inf"))
-            delta = tl.load(DELTA + h * stride_lse_h + lse_row0 + rows, mask=row_real, other=0.0)
+            lse = tl.load(LSE + h * stride_lse_h + lse_row0 + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + h * stride_lse_h + lse_row0 + rows, mask=row_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
             p = tl.where(real[None, :], tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -485,9 +481,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_ma
 
     q, k, v: (batch, seqlen, heads, head_dim) with ``key_padding_mask`` (batch, seqlen) or None, or
     (total, heads, head_dim) with ``cu_seqlens`` int32 (batch + 1,) and ``max_seqlen``; ``seed`` an
-    int in [0, 2**31). Returns ``(out, lse)``: out like q (contiguous; zero on padding rows); lse fp32
-    (heads, rows), base-2 log-sum-exp of the scaled scores per query row (+inf where a row is padding
-    or has no real key), rows = batch * seqlen or total.
+    int in [0, 2**31). Returns ``(out, lse)``: out like q (contiguous); lse fp32 (heads, rows), base-2
+    log-sum-exp of the scaled scores per query row (+inf where a row has no real key), rows = batch *
+    seqlen or total.
     """
     check_seed(seed)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))

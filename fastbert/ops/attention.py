@@ -88,11 +88,7 @@ def _masked_softmax_attention(q, k, v, keep, dropout_p, scale):
     probs = probs.to(q.dtype)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
-    out = torch.matmul(probs, v)
-    if keep is not None:
-        # A padding query gives zeros too (as the unpadded layout, which has no row for it).
-        out = out.masked_fill(~keep.transpose(-1, -2), 0)
-    return out
+    return torch.matmul(probs, v)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -227,8 +223,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
 
     q, k, v: (batch, seqlen, heads, head_dim), float16/bfloat16/float32, same shape and device.
     key_padding_mask: (batch, seqlen) bool or int, True/1 = real token (HF's attention_mask), or None.
-    Padded keys get zero weight; padding query rows, and rows whose keys are all padding, return
-    zeros (and pass no gradient), so the result equals :func:`attention_varlen` on the real tokens.
+    Padded keys get zero weight; a query row whose keys are all padding returns zeros.
     dropout_p: dropout on the attention probabilities (pass 0.0 in eval). softmax_scale: default
     1/sqrt(head_dim). Returns (batch, seqlen, heads, head_dim) in q's dtype.
 
