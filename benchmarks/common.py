@@ -20,7 +20,10 @@ from typing import Callable, Iterable
 import torch
 
 CSV_COLUMNS = ("op", "provider", "mode", "dtype", "shape", "ms_median", "ms_p20", "ms_p80", "tflops", "gbps",
-               "pct_of_peak", "peak_mem_mb", "device", "torch", "triton", "commit", "date", "tokens_per_s", "note")
+               "pct_of_peak", "peak_mem_mb", "device", "torch", "triton", "commit", "date", "tokens_per_s", "note",
+               # static (compiled, not run) kernel rows: benchmarks/bench_static.py
+               "config", "registers", "spill_bytes", "smem_bytes", "ctas_per_sm", "wgmma_dots", "other_dots",
+               "ld_global_v4", "ld_global")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -87,6 +90,16 @@ class Row:
     date: str = ""
     tokens_per_s: float | None = None  # model-level rows: real (non-padding) tokens per second
     note: str = ""  # e.g. "unsupported: ..." for a case a provider cannot run
+    # Static rows (op "static"): one kernel in one launch configuration, compiled for sm_90, never run.
+    config: str = ""
+    registers: int | None = None
+    spill_bytes: int | None = None
+    smem_bytes: int | None = None
+    ctas_per_sm: int | None = None
+    wgmma_dots: int | None = None
+    other_dots: int | None = None
+    ld_global_v4: int | None = None
+    ld_global: int | None = None
 
     @classmethod
     def measured(cls, op: str, provider: str, mode: str, dtype: str, shape: str, timing: Timing, *,
@@ -146,6 +159,10 @@ def format_table(rows: Iterable[Row]) -> str:
     for r in rows:
         if r.note:
             lines.append(f"{r.op:<14} {r.provider:<20} {r.mode:<8} {r.dtype:<5} {r.shape:<28} {r.note}")
+            continue
+        if r.op == "static":
+            lines.append(f"{r.op:<14} {r.mode:<28} {r.shape:<40} {r.config:<34} regs {r.registers} spill "
+                         f"{r.spill_bytes} smem {r.smem_bytes} CTAs/SM {r.ctas_per_sm} wgmma {r.wgmma_dots}")
             continue
         tf = f"{r.tflops:8.2f}" if r.tflops is not None else f"{'':8}"
         gb = f"{r.gbps:8.1f}" if r.gbps is not None else f"{'':8}"

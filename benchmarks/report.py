@@ -151,6 +151,9 @@ def markdown(rows: list[Row], peaks: Ceilings, env: dict[str, str], dtype: str, 
            f"device copy **{peaks.copy_gbps:.0f} GB/s** (read + write). Times are medians (p20–p80).", ""]
     subjects = list(dict.fromkeys(r.op for r in rows if r.op != "ceiling"))
     for subject in subjects:
+        if subject == "static":
+            out += static_table([r for r in rows if r.op == "static"])
+            continue
         out += [f"## {subject}", "",
                 "| provider | mode | shape | ms (p20–p80) | TFLOP/s | GB/s | % of peak | tokens/s | peak MB |",
                 "|---|---|---|---|---|---|---|---|---|"]
@@ -170,6 +173,32 @@ def markdown(rows: list[Row], peaks: Ceilings, env: dict[str, str], dtype: str, 
         out.append("")
     out.append(goals_table(rows, peaks))
     return "\n".join(out)
+
+
+def static_table(rows: list[Row]) -> list[str]:
+    """Markdown lines for the static (compiled for sm_90, not run) kernel rows, then what misses the
+    static goals of shared/docs/GPU.md: spills, shared memory over 227 KB, attention dots off wgmma."""
+    out = ["## static: kernels compiled for sm_90 (H200), not run", "",
+           f"{len(rows)} kernel × configuration rows; CTAs/SM from registers, shared memory and warps at the "
+           "H200's per-SM limits (65536 registers, 228 KB, 64 warps, 32 blocks); dots: wgmma / other "
+           "(mma.sync, or FMA for fp32 ieee); loads: 16-byte vector / all global loads in the PTX.", "",
+           "| case | kernel | config | regs | spill B | smem KB | CTAs/SM | dots wgmma/other | ld.v4/ld |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    problems = []
+    for r in rows:
+        if r.note:
+            out.append(f"| {r.shape} | {r.mode} | {r.config} | {r.note} | | | | | |")
+            problems.append(f"- does not compile: {r.shape} · {r.mode} · {r.config}")
+            continue
+        out.append(f"| {r.shape} | {r.mode} | {r.config} | {r.registers} | {r.spill_bytes} | "
+                   f"{r.smem_bytes / 1024:.1f} | {r.ctas_per_sm} | {r.wgmma_dots}/{r.other_dots} | "
+                   f"{r.ld_global_v4}/{r.ld_global} |")
+        if r.spill_bytes:
+            problems.append(f"- spills {r.spill_bytes} B: {r.shape} · {r.mode} · {r.config}")
+        if r.smem_bytes > 227 * 1024:
+            problems.append(f"- {r.smem_bytes / 1024:.0f} KB shared memory: {r.shape} · {r.mode} · {r.config}")
+    out += ["", f"Static problems: {len(problems)}", ""] + problems + [""]
+    return out
 
 
 def plot(rows: list[Row], path: Path) -> Path | None:

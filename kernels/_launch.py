@@ -1,10 +1,52 @@
-"""Launch helpers shared by the kernels: row views of the inputs and the GPU's size."""
+"""Launch helpers shared by the kernels: row views of the inputs, the one autotuning switch, the one
+interpreter path, seed checks and occupancy-sized program counts."""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
+from typing import Callable
 
 import torch
 import triton
+
+# Kernel seeds are Python ints in [0, 2**31): Triton types such an argument as int32 whatever its value
+# (an int64 only from 2**31 on), so every seed compiles the same kernel variant, and Philox takes its key
+# as 32-bit words anyway. Kernels also list "seed" in do_not_specialize: a seed of 1, or one divisible
+# by 16, would otherwise be specialised into another variant.
+SEED_LIMIT = 2**31
+
+
+def check_seed(seed: int) -> int:
+    """``seed`` if it is a kernel seed (an int in [0, 2**31)), else a ValueError naming the rule."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"kernel seeds are ints in [0, 2**31) (typed int32 by Triton), got {seed!r}")
+    return seed
+
+
+def interpreted() -> bool:
+    """True when the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set before triton
+    is imported): every launcher then takes its small interpreter configuration, whatever the device."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_enabled() -> bool:
+    """The one switch for every autotuned kernel: ``FASTBERT_AUTOTUNE=0`` runs each kernel's fixed
+    configuration instead (e.g. tests that sweep many shapes). Read at every launch, so a test can set it.
+    The interpreter never autotunes: it would cost minutes."""
+    return os.environ.get("FASTBERT_AUTOTUNE", "1") != "0" and not interpreted()
+
+
+def launch(kernel, tuned, grid: Callable[[dict], tuple], args: tuple, meta: dict, fixed: triton.Config) -> None:
+    """Run ``kernel`` through its autotuner ``tuned`` when autotuning is on, else with the ``fixed`` config.
+
+    ``grid`` maps the launch's meta-parameters (``meta`` plus the config's) to the grid, as Triton's
+    autotuner expects."""
+    if autotune_enabled():
+        tuned[grid](*args, **meta)
+        return
+    params = {**meta, **fixed.kwargs}
+    kernel[grid(params)](*args, **params, num_warps=fixed.num_warps, num_stages=fixed.num_stages)
 
 
 def as_rows(tensor: torch.Tensor, hidden: int) -> torch.Tensor:
@@ -34,9 +76,62 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def persistent_programs(device: torch.device, per_sm: int, interpreter_programs: int = 4) -> int:
-    """How many programs a kernel that loops over rows should launch: ``per_sm`` per streaming
-    multiprocessor on a GPU; a few under the interpreter (on CPU tensors), where each program runs serially."""
-    if device.type != "cuda":
-        return interpreter_programs
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm
+# ---------------------------------------------------------------------------------------------------
+# Occupancy: how many programs of a compiled kernel fit on the GPU at once
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SMLimits:
+    """Per-SM resources that bound how many CTAs of one kernel are resident at once (CUDA occupancy
+    calculator figures; the defaults are Hopper's, sm_90: H100 / H200)."""
+
+    registers: int = 65536
+    register_granule: int = 256  # registers are handed out per warp, in units of 256
+    max_warps: int = 64
+    max_ctas: int = 32
+    shared_bytes: int = 228 * 1024
+    shared_reserved_per_cta: int = 1024  # the driver keeps 1 KB of every CTA's shared memory
+
+
+HOPPER = SMLimits()
+
+# Under the interpreter there is no compiled kernel to read: programs run one after another, so a few
+# programs keep the tests quick while still splitting the rows (and the partial sums) several ways.
+INTERPRETER_PROGRAMS = 4
+
+
+def ctas_per_sm(registers_per_thread: int, shared_bytes: int, num_warps: int, limits: SMLimits = HOPPER) -> int:
+    """CTAs of a kernel resident per SM: the tightest of the register, warp, shared-memory and CTA limits
+    (at least 1: a kernel that compiled runs)."""
+    regs_per_warp = -(-max(1, registers_per_thread) * 32 // limits.register_granule) * limits.register_granule
+    by_registers = (limits.registers // regs_per_warp) // num_warps
+    by_warps = limits.max_warps // num_warps
+    by_shared = limits.shared_bytes // (shared_bytes + limits.shared_reserved_per_cta)
+    return max(1, min(by_registers, by_warps, by_shared, limits.max_ctas))
+
+
+def occupancy_programs(registers_per_thread: int, shared_bytes: int, num_warps: int, sm_count: int,
+                       work_items: int, limits: SMLimits = HOPPER) -> int:
+    """Programs for a persistent kernel: one full wave (``sm_count`` x CTAs per SM), never more than
+    there are work items (row blocks), at least 1."""
+    wave = sm_count * ctas_per_sm(registers_per_thread, shared_bytes, num_warps, limits)
+    return max(1, min(wave, work_items))
+
+
+def programs_for(kernel, args: tuple, params: dict, device: torch.device, work_items: int) -> int:
+    """:func:`occupancy_programs` of ``kernel`` compiled for these exact arguments (``params``: its
+    constexprs plus num_warps/num_stages) on ``device``; :data:`INTERPRETER_PROGRAMS` under the interpreter.
+
+    The registers and shared memory come from the compiled kernel's metadata (compiling is cached, so
+    this costs one argument binding per call)."""
+    if interpreted() or device.type != "cuda":
+        return max(1, min(INTERPRETER_PROGRAMS, work_items))
+    compiled = kernel.warmup(*args, grid=(1,), **params)
+    compiled._init_handles()  # loads the binary: this is what fills in n_regs
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return occupancy_programs(compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps,
+                              _sm_count(index), work_items)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (CUDA only)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

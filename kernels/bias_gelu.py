@@ -11,18 +11,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import as_rows, persistent_programs, warps_for
+from ._launch import as_rows, interpreted, programs_for, warps_for
 from .column_sum import column_sums_into
 
-_SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
-_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+# constexpr values, so @jit code may read these globals (the compiler rejects plain floats)
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 
 # Tile of the GPU launches: 16 x 256 elements, 4 warps: 32 elements (four 16-byte loads of bf16) per thread.
 _GPU_BLOCK_M = 16
 _GPU_MAX_BLOCK_N = 256
 _GPU_WARPS = 4
-# Backward programs per SM over the whole grid (row-programs x column blocks).
-_BWD_PROGRAMS_PER_SM = 8
 
 
 @triton.jit
@@ -58,11 +57,12 @@ def _bwd_kernel(
     stride_x,
     M,
     N,
-    rows_per_program,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    # Each row-program takes a contiguous range of whole row blocks: the launcher sizes the grid.
+    rows_per_program = tl.cdiv(tl.cdiv(M, BLOCK_M), tl.num_programs(0)) * BLOCK_M
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     b = tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -86,7 +86,7 @@ def _bwd_kernel(
 def _tile(n: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps). Under the interpreter: wide tiles of a few rows, so there are few
     programs (each runs serially) yet a ragged last row block."""
-    if device.type == "cuda":
+    if not interpreted():
         return _GPU_BLOCK_M, min(_GPU_MAX_BLOCK_N, triton.next_power_of_2(n)), _GPU_WARPS
     block_n = min(1024, triton.next_power_of_2(n))
     block_m = max(1, min(8, 2048 // block_n))
@@ -120,13 +120,19 @@ def bias_gelu_bwd(grad_out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, g
         return
     block_m, block_n, warps = _tile(n, x.device)
     col_blocks = triton.cdiv(n, block_n)
-    total_programs = persistent_programs(x.device, _BWD_PROGRAMS_PER_SM)
-    row_programs = max(1, min(triton.cdiv(max(m, 1), block_m), total_programs // col_blocks))
+    row_blocks = triton.cdiv(m, block_m)
+    if m == 0:
+        grad_bias.zero_()
+        return
+    bias = bias.contiguous()
+    params = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    # One full wave by the compiled kernel's occupancy, shared between the column blocks. The partial
+    # buffer is not allocated yet: a same-dtype stand-in compiles the same kernel variant.
+    stand_in = torch.empty((1, n), dtype=torch.float32, device=x.device)
+    probe = (dy_rows, x_rows, bias, grad_x, stand_in, dy_rows.stride(0), x_rows.stride(0), m, n)
+    wave = programs_for(_bwd_kernel, probe, params, x.device, work_items=row_blocks * col_blocks)
+    row_programs = max(1, min(row_blocks, wave // col_blocks))
     partial_db = torch.empty((1, row_programs, n), dtype=torch.float32, device=x.device)
-    if m > 0:
-        _bwd_kernel[(row_programs, col_blocks)](
-            dy_rows, x_rows, bias.contiguous(), grad_x, partial_db[0], dy_rows.stride(0), x_rows.stride(0), m, n,
-            triton.cdiv(m, row_programs), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
-    else:
-        partial_db.zero_()
+    _bwd_kernel[(row_programs, col_blocks)](dy_rows, x_rows, bias, grad_x, partial_db[0], dy_rows.stride(0),
+                                            x_rows.stride(0), m, n, **params)
     column_sums_into(partial_db, [grad_bias])

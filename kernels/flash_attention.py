@@ -3,7 +3,7 @@
 Two layouts share the kernels, chosen by a compile-time flag:
 
 * padded: q, k, v of shape (batch, seqlen, heads, head_dim), with an optional key-padding mask
-  (batch, seqlen), nonzero = real key;
+  (batch, seqlen), nonzero = real token;
 * varlen: q, k, v of shape (total_tokens, heads, head_dim), sequences back to back, bounded by
   ``cu_seqlens`` (int32, batch + 1 prefix sums).
 
@@ -11,12 +11,21 @@ Numerics: scores and the online softmax run in fp32 in the exp2 domain; the forw
 log-sum-exp (base 2, of the scaled scores) per query row, and the backward recomputes the
 probabilities from it, so nothing of size seqlen² is ever stored. A row whose keys are all padding
 gets output 0 and log-sum-exp +inf, which makes every recomputed probability of that row exactly 0.
+Padding query rows attend to the real keys, as in transformers (heads such as question answering read
+those positions).
 
-Masking reads nothing wrong: padded / out-of-range keys and values are loaded as zeros and their
-scores set to -inf, so garbage (even NaN) there reaches neither outputs nor gradients.
+Padding: the launcher reduces the mask once per batch (kept for the next call with the same mask
+object: the other layers and the backward) to a span per sequence, (first real token,
+last real token + 1, whether every token between is real). Right- or left-padded masks are dense
+spans: the kernels then never read the mask, and skip every key block outside the span (all of them
+for a sequence with no real token, whose query blocks then only write zeros). Other masks (holes)
+keep the general path, which reads the mask once per key tile. Padded or out-of-range keys and
+values are loaded as zeros and their scores set to -inf, so garbage (even NaN) there reaches neither
+outputs nor gradients.
 
-Dropout on the attention probabilities draws Philox numbers from (seed, query position * seqlen_bound
-+ key position, batch * heads + head): the backward regenerates the same mask from the same seed.
+Dropout on the attention probabilities uses the shared RNG of :mod:`fastbert.kernels.dropout`, one
+Philox call per (batch * heads + head, query, 8 keys): the backward regenerates the same mask from
+the same seed, and both layouts draw the same mask for the same positions.
 
 Backward is deterministic: one kernel computes dQ (and the row terms ``delta = rowsum(dO * O)``) per
 query block, a second computes dK and dV per key block, each owning its output rows, so nothing
@@ -26,21 +35,16 @@ No autograd here: ``fastbert.ops.attention`` wraps :func:`forward` and :func:`ba
 """
 from __future__ import annotations
 
-import os
+import weakref
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2_E = 1.4426950408889634
-# Philox counters are 32-bit: query_position * seqlen_bound + key_position must fit.
-MAX_SEQLEN_WITH_DROPOUT = 65536
+from ._launch import check_seed, interpreted, launch
+from .dropout import keep_mask
 
-_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Autotuning on the GPU can be switched off (FASTBERT_AUTOTUNE=0, or this flag at run time), e.g. for
-# tests that sweep many shapes; the kernels then run one fixed configuration. The interpreter (CPU
-# tests) never autotunes: it would cost minutes.
-AUTOTUNE = os.environ.get("FASTBERT_AUTOTUNE", "1") != "0" and not _INTERPRETER
+LOG2_E = 1.4426950408889634
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -64,32 +68,29 @@ def _locate_sequence(pid_bh, num_heads, seqlen, CU_SEQLENS, IS_VARLEN: tl.conste
 
 
 @triton.jit
-def _real_keys(KEEP, b, cols, n, stride_keep_b, HAS_MASK: tl.constexpr):
-    """Which key columns hold real tokens (in range and, with a mask, not padding)."""
-    real = cols < n
+def _token_span(SPANS, b, n, HAS_MASK: tl.constexpr):
+    """(lo, hi, dense): real tokens of sequence b lie in [lo, hi); ``dense`` (0/1) says all of them are
+    real, so the mask need not be read. Without a mask: the whole sequence, dense."""
     if HAS_MASK:
-        keep = tl.load(KEEP + b.to(tl.int64) * stride_keep_b + cols, mask=real, other=0)
+        lo = tl.load(SPANS + b * 3)
+        hi = tl.load(SPANS + b * 3 + 1)
+        dense = tl.load(SPANS + b * 3 + 2)
+    else:
+        lo = n * 0
+        hi = n
+        dense = n * 0 + 1
+    return lo, hi, dense
+
+
+@triton.jit
+def _real_tokens(KEEP, b, idx, lo, hi, dense, stride_keep_b, HAS_MASK: tl.constexpr):
+    """Which positions ``idx`` hold real tokens: inside the span and, for a span with holes, not padding
+    by the mask (a dense span leaves the load's lanes all off, so it reads nothing)."""
+    real = (idx >= lo) & (idx < hi)
+    if HAS_MASK:
+        keep = tl.load(KEEP + b.to(tl.int64) * stride_keep_b + idx, mask=real & (dense == 0), other=1)
         real = real & (keep != 0)
     return real
-
-
-@triton.jit
-def _key_extent(KEY_EXTENT, b, n, HAS_MASK: tl.constexpr):
-    """Keys at or past this position are all padding and can be skipped (the mask's last real key + 1)."""
-    if HAS_MASK:
-        return tl.minimum(tl.load(KEY_EXTENT + b), n)
-    return n
-
-
-@triton.jit
-def _dropout_keep(seed, pid_bh, rows, cols, seqlen_bound, dropout_p):
-    """The dropout keep-mask of a (rows, cols) tile: the same (seed, positions) always give the same mask.
-    ``seqlen_bound`` must be a run-time value (the kernels keep ``seqlen`` unspecialized, since Triton
-    would turn a 1 into a compile-time constant)."""
-    counter = rows.to(tl.uint32)[:, None] * seqlen_bound.to(tl.uint32) + cols.to(tl.uint32)[None, :]
-    stream = counter * 0 + pid_bh.to(tl.uint32)  # one Philox stream per (batch, head)
-    random_bits, _, _, _ = tl.philox(seed, counter, stream, counter * 0, counter * 0)
-    return tl.uint_to_uniform_float(random_bits) >= dropout_p
 
 
 @triton.jit(do_not_specialize=["seqlen", "seed", "dropout_p"])
@@ -97,17 +98,17 @@ def _attention_fwd_kernel(
     Q, K, V,  # inputs: (batch, seqlen, heads, head_dim) or (total, heads, head_dim); last dim contiguous
     OUT,  # output, same layout as Q (its own strides)
     LSE,  # fp32 (heads, rows): log2-sum-exp of each query row's scaled scores; +inf for empty rows
-    KEEP,  # key-padding mask (batch, seqlen), nonzero = real key; read only when HAS_MASK
-    KEY_EXTENT,  # int32 (batch,): last real key + 1 per sequence; read only when HAS_MASK
+    KEEP,  # key-padding mask (batch, seqlen), nonzero = real token; read only when HAS_MASK
+    SPANS,  # int32 (batch, 3): (first real, last real + 1, dense) per sequence; read only when HAS_MASK
     CU_SEQLENS,  # int32 (batch + 1,); read only when IS_VARLEN
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     stride_keep_b, stride_lse_h,
-    num_heads, seqlen,  # seqlen: padded length, or max_seqlen for varlen (the dropout counter's row stride)
+    num_heads, seqlen,  # seqlen: padded length, or max_seqlen for varlen
     scale_log2,  # softmax_scale * log2(e)
-    dropout_p, seed,
+    dropout_p, seed,  # seed: int32 (kernels/_launch.py)
     seqlen_bucket,  # next power of two >= seqlen: only the autotuner's key (a run-time int, so no recompiles)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -119,6 +120,7 @@ def _attention_fwd_kernel(
     start_m = pid_m * BLOCK_M
     if start_m >= n:
         return
+    lo, hi, dense = _token_span(SPANS, b, n, HAS_MASK)
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -135,10 +137,10 @@ def _attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    extent = _key_extent(KEY_EXTENT, b, n, HAS_MASK)
-    for start_n in range(0, extent, BLOCK_N):
+    # Only the key blocks that meet the span (none for a sequence without a real token).
+    for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         cols = start_n + offs_n
-        real = _real_keys(KEEP, b, cols, n, stride_keep_b, HAS_MASK)
+        real = _real_tokens(KEEP, b, cols, lo, hi, dense, stride_keep_b, HAS_MASK)
         kv_mask = real[:, None] & in_dim[None, :]
         k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -151,7 +153,7 @@ def _attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, pid_bh, rows, cols, seqlen, dropout_p)
+            keep = keep_mask(seed, pid_bh, rows, start_n, dropout_p, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -174,7 +176,7 @@ def _attention_bwd_dq_kernel(
     DQ,  # output: gradient of Q, same layout as Q (its own strides)
     LSE,  # fp32 (heads, rows), from the forward
     DELTA,  # output: fp32 (heads, rows), rowsum(dO * O), read afterwards by the dK/dV kernel
-    KEEP, KEY_EXTENT, CU_SEQLENS,  # as in the forward
+    KEEP, SPANS, CU_SEQLENS,  # as in the forward
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -195,6 +197,7 @@ def _attention_bwd_dq_kernel(
     start_m = pid_m * BLOCK_M
     if start_m >= n:
         return
+    lo, hi, dense = _token_span(SPANS, b, n, HAS_MASK)
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -218,10 +221,9 @@ def _attention_bwd_dq_kernel(
     k_base = K + b64 * stride_kb + tok64 * stride_kt + h * stride_kh
     v_base = V + b64 * stride_vb + tok64 * stride_vt + h * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    extent = _key_extent(KEY_EXTENT, b, n, HAS_MASK)
-    for start_n in range(0, extent, BLOCK_N):
+    for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         cols = start_n + offs_n
-        real = _real_keys(KEEP, b, cols, n, stride_keep_b, HAS_MASK)
+        real = _real_tokens(KEEP, b, cols, lo, hi, dense, stride_keep_b, HAS_MASK)
         kv_mask = real[:, None] & in_dim[None, :]
         k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -229,7 +231,7 @@ def _attention_bwd_dq_kernel(
         p = tl.where(real[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, pid_bh, rows, cols, seqlen, dropout_p)
+            keep = keep_mask(seed, pid_bh, rows, start_n, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -243,7 +245,7 @@ def _attention_bwd_dkdv_kernel(
     Q, K, V, DOUT,  # inputs
     DK, DV,  # outputs: gradients of K and V, same layout as K (their own strides)
     LSE, DELTA,  # fp32 (heads, rows): from the forward and from the dQ kernel
-    KEEP, KEY_EXTENT, CU_SEQLENS,  # as in the forward
+    KEEP, SPANS, CU_SEQLENS,  # as in the forward
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -264,6 +266,7 @@ def _attention_bwd_dkdv_kernel(
     start_n = pid_n * BLOCK_N
     if start_n >= n:
         return
+    lo, hi, dense = _token_span(SPANS, b, n, HAS_MASK)
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -276,15 +279,16 @@ def _attention_bwd_dkdv_kernel(
     dv_ptrs = DV + b64 * stride_dvb + col_off * stride_dvt + h * stride_dvh + offs_d[None, :]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # Key blocks past the last real key are all padding: their gradients are exactly zero.
-    if start_n < _key_extent(KEY_EXTENT, b, n, HAS_MASK):
-        real = _real_keys(KEEP, b, cols, n, stride_keep_b, HAS_MASK)
+    # Key blocks outside the span are all padding: their gradients are exactly zero.
+    if (start_n < hi) & (start_n + BLOCK_N > lo):
+        real = _real_tokens(KEEP, b, cols, lo, hi, dense, stride_keep_b, HAS_MASK)
         kv_mask = real[:, None] & in_dim[None, :]
         k = tl.load(K + b64 * stride_kb + col_off * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + b64 * stride_vb + col_off * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
         q_base = Q + b64 * stride_qb + tok64 * stride_qt + h * stride_qh
         do_base = DOUT + b64 * stride_dob + tok64 * stride_dot + h * stride_doh
         lse_row0 = tok64 if IS_VARLEN else b64 * seqlen
+        # Padding queries attend to the real keys too, so every query block contributes.
         for start_m in range(0, n, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < n
@@ -297,7 +301,7 @@ def _attention_bwd_dkdv_kernel(
             p = tl.where(real[None, :], tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
-                keep = _dropout_keep(seed, pid_bh, rows, cols, seqlen, dropout_p)
+                keep = keep_mask(seed, pid_bh, rows, start_n, dropout_p, BLOCK_M, BLOCK_N)
                 p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
                 dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             else:
@@ -314,41 +318,63 @@ def _attention_bwd_dkdv_kernel(
 # ---------------------------------------------------------------------------------------------------
 _AUTOTUNE_KEY = ["seqlen_bucket", "HEAD_DIM", "IS_VARLEN", "HAS_MASK", "HAS_DROPOUT"]
 
-# Hopper-oriented: large query tiles for the forward, 2-4 pipeline stages; configs that do not fit
-# in shared memory for a head dim are dropped by the autotuner.
+# Hopper-oriented: large query tiles for the forward, 2-4 pipeline stages. Each entry:
+# (BLOCK_M, BLOCK_N, warps, stages, largest BLOCK_D without dropout, largest BLOCK_D with dropout):
+# past those (padded) head dims the sm_90 compile spills registers (measured with the static report,
+# `python -m benchmarks --only static`; tests/test_sm90_compile.py fails if a kept entry spills), so
+# the autotuner never tries it there. 0 = never with dropout.
 _FWD_CONFIGS = [
-    (128, 64, 4, 3),
-    (128, 64, 8, 3),
-    (128, 128, 8, 3),
-    (64, 64, 4, 2),
-    (128, 32, 4, 4),
+    (128, 64, 4, 3, 64, 32),
+    (128, 64, 8, 3, 128, 128),
+    (128, 128, 8, 3, 128, 32),
+    (64, 64, 4, 2, 128, 128),
+    (128, 32, 4, 4, 128, 64),
 ]
-# (BLOCK_M, BLOCK_N, warps, stages): the dQ kernel favours tall query tiles, dK/dV wide key tiles.
+# The dQ kernel favours tall query tiles, dK/dV wide key tiles.
 _BWD_DQ_CONFIGS = [
-    (128, 64, 8, 2),
-    (128, 32, 4, 3),
-    (64, 64, 4, 2),
-    (64, 32, 4, 3),
+    (128, 64, 8, 2, 128, 128),
+    (128, 32, 4, 3, 64, 32),
+    (64, 64, 4, 2, 128, 64),
+    (64, 32, 4, 3, 128, 128),
 ]
 _BWD_DKDV_CONFIGS = [
-    (64, 128, 8, 2),
-    (32, 128, 4, 3),
-    (64, 64, 4, 2),
-    (32, 64, 4, 3),
+    (64, 128, 8, 2, 32, 0),
+    (32, 128, 4, 3, 32, 0),
+    (64, 64, 4, 2, 64, 32),
+    (32, 64, 4, 3, 64, 64),
+    # dK and dV accumulate in registers: at head dim 128 only 32 x 64 on 8 warps fits (static report).
+    (32, 64, 8, 3, 128, 128),
+    (64, 32, 4, 2, 64, 64),
 ]
 
 
 # Without autotuning: small tiles that fit shared memory for every dtype and head dim (fp32 hd128 too).
-_FIXED_CONFIG = (64, 64, 4, 2)
-_INTERPRETER_CONFIG = (32, 32, 4, 1)
+# The dK/dV kernel keeps two (BLOCK_N, head dim) fp32 accumulators: 32 x 64 tiles on 8 warps hold them
+# without spilling at every head dim (64 x 64 on 8 warps spills at 128; sm_90 static report).
+_FIXED_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+_FIXED_DKDV_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=3)
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+
+
+def _prune_spilling(head_dim_limits: dict):
+    """The autotuner's early pruning: drop the configurations that spill at this padded head dim
+    (BLOCK_D), with or without dropout, per the limits of the config lists above."""
+
+    def prune(configs, named_args, **kwargs):
+        column = 1 if kwargs["HAS_DROPOUT"] else 0
+        kept = [c for c in configs
+                if kwargs["BLOCK_D"] <= head_dim_limits[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                                          c.num_stages)][column]]
+        return kept or configs[-1:]  # never empty (Triton requires one); the sm_90 test would flag a spill
+
+    return prune
 
 
 def _tuned(kernel, configs):
-    if _INTERPRETER:
-        return None
     return triton.autotune(
-        configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs],
+        configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s, *_ in configs],
         key=_AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": _prune_spilling({tuple(c[:4]): c[4:] for c in configs})},
     )(kernel)
 
 
@@ -357,20 +383,46 @@ _bwd_dq_tuned = _tuned(_attention_bwd_dq_kernel, _BWD_DQ_CONFIGS)
 _bwd_dkdv_tuned = _tuned(_attention_bwd_dkdv_kernel, _BWD_DKDV_CONFIGS)
 
 
-def _launch(kernel, tuned, grid_rows: str, num_rows: int, batch_heads: int, args: tuple, meta: dict) -> None:
+def _launch(kernel, tuned, fixed: triton.Config, grid_rows: str, num_rows: int, batch_heads: int, args: tuple,
+            meta: dict) -> None:
     """Run ``kernel`` on a (row blocks, batch * heads) grid; ``grid_rows`` names the block size that
-    tiles the rows (BLOCK_M for query-block kernels, BLOCK_N for the key-block one)."""
-    if AUTOTUNE and tuned is not None:
-        tuned[lambda cfg: (triton.cdiv(num_rows, cfg[grid_rows]), batch_heads)](*args, **meta)
-        return
-    block_m, block_n, warps, stages = _INTERPRETER_CONFIG if _INTERPRETER else _FIXED_CONFIG
-    grid = (triton.cdiv(num_rows, block_m if grid_rows == "BLOCK_M" else block_n), batch_heads)
-    kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    tiles the rows (BLOCK_M for query-block kernels, BLOCK_N for the key-block one); ``fixed``: the
+    configuration on a GPU without autotuning."""
+    fixed = _INTERPRETER_CONFIG if interpreted() else fixed
+    launch(kernel, tuned, lambda cfg: (triton.cdiv(num_rows, cfg[grid_rows]), batch_heads), args, meta, fixed)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Host launchers
 # ---------------------------------------------------------------------------------------------------
+def token_spans(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """int32 (batch, 3): per sequence (first real token, last real token + 1, 1 if every token between
+    is real else 0); (0, 0, 1) for a sequence with no real token. A few reductions on the device, no sync."""
+    real = key_padding_mask != 0
+    seqlen = real.shape[1]
+    positions = torch.arange(seqlen, device=real.device, dtype=torch.int32)
+    hi = torch.where(real, positions + 1, 0).amax(dim=1)
+    lo = torch.minimum(torch.where(real, positions, seqlen).amin(dim=1), hi)
+    dense = real.sum(dim=1, dtype=torch.int32) == hi - lo
+    return torch.stack((lo, hi, dense.to(torch.int32)), dim=1).to(torch.int32).contiguous()
+
+
+# The spans of the last mask seen: a model passes one mask to every layer, forward and backward, so
+# they are computed once per batch. Keyed by the mask object and its version counter (an in-place
+# change of the mask invalidates them); a weak reference keeps no mask alive.
+_last_spans: tuple = (None, -1, None)
+
+
+def _spans_of(key_padding_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    global _last_spans
+    ref, version, spans = _last_spans
+    if ref is not None and ref() is key_padding_mask and key_padding_mask._version == version:
+        return spans
+    spans = token_spans(keep)
+    _last_spans = (weakref.ref(key_padding_mask), key_padding_mask._version, spans)
+    return spans
+
+
 class _Layout:
     """What the kernels need to know about q/k/v's layout: strides, sizes, the masks' pointers."""
 
@@ -391,14 +443,10 @@ class _Layout:
         if self.has_mask:
             keep = key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
             self.keep = keep if keep.stride(-1) == 1 else keep.contiguous()
-            if self.keep.numel():
-                positions = torch.arange(1, self.seqlen + 1, device=q.device, dtype=torch.int32)
-                self.key_extent = torch.where(self.keep != 0, positions, 0).amax(dim=1).to(torch.int32)
-            else:  # an empty batch or zero-length sequences: nothing to launch
-                self.key_extent = torch.zeros(self.batch, device=q.device, dtype=torch.int32)
+            self.spans = _spans_of(key_padding_mask, self.keep) if self.keep.numel() else placeholder
         else:
             self.keep = placeholder
-            self.key_extent = placeholder
+            self.spans = placeholder
         self.cu_seqlens = cu_seqlens if self.is_varlen else placeholder
         self.block_d = max(16, triton.next_power_of_2(self.head_dim))
         self.seqlen_bucket = max(16, triton.next_power_of_2(max(self.seqlen, 1)))
@@ -422,19 +470,8 @@ class _Layout:
         return self.keep.stride(0) if self.has_mask else 0
 
 
-def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer a kernel fills (tests replace this to hand out NaN-poisoned memory)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _kernel_seed(seed: int) -> int:
-    # A seed of fixed bit width (bit 62 set) keeps the kernel argument int64 for every draw, so a
-    # small seed never compiles a second kernel variant.
-    return (seed & ((1 << 62) - 1)) | (1 << 62)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None,
@@ -443,26 +480,27 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_ma
     """Launch the forward kernel. Inputs are assumed validated by ``fastbert.ops.attention``.
 
     q, k, v: (batch, seqlen, heads, head_dim) with ``key_padding_mask`` (batch, seqlen) or None, or
-    (total, heads, head_dim) with ``cu_seqlens`` int32 (batch + 1,) and ``max_seqlen``.
-    Returns ``(out, lse)``: out like q (contiguous); lse fp32 (heads, rows), base-2 log-sum-exp of the
-    scaled scores per query row (+inf where a row has no real key), rows = batch * seqlen or total.
+    (total, heads, head_dim) with ``cu_seqlens`` int32 (batch + 1,) and ``max_seqlen``; ``seed`` an
+    int in [0, 2**31). Returns ``(out, lse)``: out like q (contiguous); lse fp32 (heads, rows), base-2
+    log-sum-exp of the scaled scores per query row (+inf where a row has no real key), rows = batch *
+    seqlen or total.
     """
+    check_seed(seed)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     layout = _Layout(q, key_padding_mask, cu_seqlens, max_seqlen)
-    out = _alloc(q.shape, q.dtype, q.device)
-    lse = _alloc((layout.num_heads, layout.rows), torch.float32, q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((layout.num_heads, layout.rows), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or layout.batch == 0:
         return out, lse
-    _check_dropout_bound(layout, dropout_p)
     args = (
-        q, k, v, out, lse, layout.keep, layout.key_extent, layout.cu_seqlens,
+        q, k, v, out, lse, layout.keep, layout.spans, layout.cu_seqlens,
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
         layout.keep_stride, lse.stride(0),
         layout.num_heads, layout.seqlen,
-        softmax_scale * LOG2_E, dropout_p, _kernel_seed(seed), layout.seqlen_bucket,
+        softmax_scale * LOG2_E, dropout_p, seed, layout.seqlen_bucket,
     )
-    _launch(_attention_fwd_kernel, _fwd_tuned, "BLOCK_M", layout.seqlen, layout.batch * layout.num_heads, args,
-            layout.meta(q.dtype, dropout_p))
+    _launch(_attention_fwd_kernel, _fwd_tuned, _FIXED_CONFIG, "BLOCK_M", layout.seqlen,
+            layout.batch * layout.num_heads, args, layout.meta(q.dtype, dropout_p))
     return out, lse
 
 
@@ -475,35 +513,30 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     Same layouts as :func:`forward`; ``out`` and ``lse`` are the forward's, ``seed`` and ``dropout_p``
     the forward's too (the dropout mask is regenerated, never stored). Returns (dq, dk, dv) like q, k, v.
     """
+    check_seed(seed)
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
     layout = _Layout(q, key_padding_mask, cu_seqlens, max_seqlen)
-    dq = _alloc(q.shape, q.dtype, q.device)
-    dk = _alloc(k.shape, k.dtype, k.device)
-    dv = _alloc(v.shape, v.dtype, v.device)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if dq.numel() == 0 or layout.batch == 0:
         return dq, dk, dv
-    _check_dropout_bound(layout, dropout_p)
-    delta = _alloc(lse.shape, torch.float32, lse.device)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
     common = (layout.keep_stride, lse.stride(0), layout.num_heads, layout.seqlen,
-              softmax_scale, softmax_scale * LOG2_E, dropout_p, _kernel_seed(seed), layout.seqlen_bucket)
+              softmax_scale, softmax_scale * LOG2_E, dropout_p, seed, layout.seqlen_bucket)
     meta = layout.meta(q.dtype, dropout_p)
     batch_heads = layout.batch * layout.num_heads
     dq_args = (
-        q, k, v, out, dout, dq, lse, delta, layout.keep, layout.key_extent, layout.cu_seqlens,
+        q, k, v, out, dout, dq, lse, delta, layout.keep, layout.spans, layout.cu_seqlens,
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out), *layout.strides(dout),
         *layout.strides(dq), *common,
     )
-    _launch(_attention_bwd_dq_kernel, _bwd_dq_tuned, "BLOCK_M", layout.seqlen, batch_heads, dq_args, meta)
+    _launch(_attention_bwd_dq_kernel, _bwd_dq_tuned, _FIXED_CONFIG, "BLOCK_M", layout.seqlen, batch_heads, dq_args, meta)
     dkdv_args = (
-        q, k, v, dout, dk, dv, lse, delta, layout.keep, layout.key_extent, layout.cu_seqlens,
+        q, k, v, dout, dk, dv, lse, delta, layout.keep, layout.spans, layout.cu_seqlens,
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(dout),
         *layout.strides(dk), *layout.strides(dv), *common,
     )
-    _launch(_attention_bwd_dkdv_kernel, _bwd_dkdv_tuned, "BLOCK_N", layout.seqlen, batch_heads, dkdv_args, meta)
+    _launch(_attention_bwd_dkdv_kernel, _bwd_dkdv_tuned, _FIXED_DKDV_CONFIG, "BLOCK_N", layout.seqlen, batch_heads,
+            dkdv_args, meta)
     return dq, dk, dv
-
-
-def _check_dropout_bound(layout: _Layout, dropout_p: float) -> None:
-    if dropout_p > 0.0 and layout.seqlen > MAX_SEQLEN_WITH_DROPOUT:
-        raise ValueError(f"attention dropout supports sequences up to {MAX_SEQLEN_WITH_DROPOUT} tokens "
-                         f"(32-bit Philox counters), got {layout.seqlen}")

@@ -14,29 +14,47 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import as_rows, block_size, persistent_programs, warps_for
+from ._launch import (
+    INTERPRETER_PROGRAMS,
+    as_rows,
+    block_size,
+    interpreted,
+    launch,
+    programs_for,
+    sm_count,
+    warps_for,
+)
 from .column_sum import column_sums_into
 from .dropout import keep_mask
 
 MAX_HIDDEN = 16384  # a whole row lives in registers; fastbert.ops.layer_norm checks the same limit
+# No configuration has fewer than 4 warps, so none fits more than 64 / 4 CTAs on an SM.
+_MAX_WAVE_CTAS_PER_SM = 16
 
-# Backward programs per SM: each loops over a contiguous range of rows, accumulating dW/dB partials.
-# More programs hide latency better but write more partial rows ((programs, N) fp32 per gradient).
-_BWD_PROGRAMS_PER_SM = 4
+# The backward launches one full wave of programs, sized by each configuration's occupancy; each
+# loops over a contiguous range of row blocks, accumulating dW/dB partials ((programs, N) fp32 each).
 
 
 def _tuning_configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (1, 2, 4, 8) for w in (4, 8, 16)]
 
 
-def _pruner(max_per_thread: int):
+def _pruner(max_per_thread: int, max_per_thread_16_warps: int | None = None):
     """Keep launch shapes with 8 (one 16-byte bf16 load) to ``max_per_thread`` tile elements per thread:
     fewer leaves threads idle, more spills registers. The backward holds about twice the live values
-    of the forward, so it gets the lower cap."""
+    of the forward, so it gets the lower cap. 16 warps leave a thread 128 registers (65536 / 512
+    threads): ``max_per_thread_16_warps`` caps those shapes lower (the sm_90 compile of the backward
+    spills at 16 elements per thread there)."""
 
     def prune(configs, named_args, **kwargs):
         block_n = kwargs["BLOCK_N"]
-        kept = [c for c in configs if 8 <= c.kwargs["BLOCK_M"] * block_n // (32 * c.num_warps) <= max_per_thread]
+
+        def fits(c):
+            per_thread = c.kwargs["BLOCK_M"] * block_n // (32 * c.num_warps)
+            cap = max_per_thread_16_warps if c.num_warps == 16 and max_per_thread_16_warps else max_per_thread
+            return 8 <= per_thread <= cap
+
+        kept = [c for c in configs if fits(c)]
         if kept:
             return kept
         # Very short rows: many rows per program; very long ones: one row, the most warps.
@@ -86,7 +104,7 @@ def _fwd_kernel(
 
     h = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        h = tl.where(keep_mask(seed, rows, dropout_p, BLOCK_M, BLOCK_N), h * dropout_scale, 0.0)
+        h = tl.where(keep_mask(seed, 0, rows, 0, dropout_p, BLOCK_M, BLOCK_N), h * dropout_scale, 0.0)
     if HAS_RESIDUAL:
         h += tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
@@ -122,7 +140,6 @@ def _bwd_kernel(
     stride_r,
     M,
     N,
-    rows_per_program,
     dropout_p,
     dropout_scale,
     seed,
@@ -132,8 +149,11 @@ def _bwd_kernel(
     STORE_DR: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    NUM_WARPS: tl.constexpr,  # the launch's num_warps, unused here: it lets the grid function size the grid
 ):
     pid = tl.program_id(0)
+    # Each program takes a contiguous range of whole row blocks: the launcher sizes the grid.
+    rows_per_program = tl.cdiv(tl.cdiv(M, BLOCK_M), tl.num_programs(0)) * BLOCK_M
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -151,7 +171,7 @@ def _bwd_kernel(
 
         h = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            keep = keep_mask(seed, rows, dropout_p, BLOCK_M, BLOCK_N)
+            keep = keep_mask(seed, 0, rows, 0, dropout_p, BLOCK_M, BLOCK_N)
             h = tl.where(keep, h * dropout_scale, 0.0)
         if HAS_RESIDUAL:
             h += tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -181,13 +201,38 @@ def _bwd_kernel(
         tl.store(PartialDB + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
 
 
+def _with_warps(config: triton.Config) -> triton.Config:
+    """The backward's copy of a config: its num_warps also as the NUM_WARPS constexpr, which Triton
+    passes to the grid function (num_warps itself it does not)."""
+    return triton.Config({**config.kwargs, "NUM_WARPS": config.num_warps}, num_warps=config.num_warps,
+                         num_stages=config.num_stages)
+
+
+# Tile elements per thread the backward may hold (see _pruner): its autotuned and its fixed configurations.
+_BWD_CAPS = dict(max_per_thread=16, max_per_thread_16_warps=8)
+
+
+def _bwd_pruner(configs, named_args, **kwargs):
+    return [_with_warps(c) for c in _pruner(**_BWD_CAPS)(configs, named_args, **kwargs)]
+
+
 # On CUDA the launch shape is autotuned per (N, flags, dtypes). The choice also fixes the order of the
 # fp32 sums (row statistics, dW/dB partials), so it is cached on disk: later runs on the machine pick
-# the same configuration and reproduce results bit for bit.
+# the same configuration and reproduce results bit for bit. FASTBERT_AUTOTUNE=0 takes the first
+# configuration the pruner keeps instead.
 _fwd_tuned = triton.autotune(_tuning_configs(), key=_TUNING_KEY, cache_results=True,
                              prune_configs_by={"early_config_prune": _pruner(max_per_thread=32)})(_fwd_kernel)
-_bwd_tuned = triton.autotune(_tuning_configs(), key=_TUNING_KEY + ["STORE_DR"], cache_results=True,
-                             prune_configs_by={"early_config_prune": _pruner(max_per_thread=16)})(_bwd_kernel)
+_bwd_tuned = triton.autotune([_with_warps(c) for c in _tuning_configs()], key=_TUNING_KEY + ["STORE_DR"],
+                             cache_results=True, prune_configs_by={"early_config_prune": _bwd_pruner})(_bwd_kernel)
+
+
+def _fixed_config(block_n: int, max_per_thread: int, max_per_thread_16_warps: int | None = None) -> triton.Config:
+    """The configuration without autotuning: under the interpreter a few rows per program (a ragged
+    last block); on a GPU the first one the autotuner's pruner keeps."""
+    if interpreted():
+        block_m = _interpreter_rows_per_program(block_n)
+        return triton.Config({"BLOCK_M": block_m}, num_warps=warps_for(block_m * block_n))
+    return _pruner(max_per_thread, max_per_thread_16_warps)(_tuning_configs(), {}, BLOCK_N=block_n)[0]
 
 
 def _check_hidden(n: int) -> None:
@@ -224,12 +269,8 @@ def layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
             x_rows.stride(0), r_rows.stride(0), m, n, eps, p, scale, seed)
     flags = dict(HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
                  BLOCK_N=block_n)
-    if x.is_cuda:
-        _fwd_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](*args, **flags)
-    else:
-        block_m = _interpreter_rows_per_program(block_n)
-        _fwd_kernel[(triton.cdiv(m, block_m),)](*args, **flags, BLOCK_M=block_m,
-                                                num_warps=warps_for(block_m * block_n))
+    launch(_fwd_kernel, _fwd_tuned, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),), args, flags,
+           _fixed_config(block_n, max_per_thread=32))
     return y, mean, rstd
 
 
@@ -251,22 +292,33 @@ def layer_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, residual: torch.Tens
     m = x_rows.shape[0]
     r_rows = as_rows(residual, n) if residual is not None else x_rows
     dy_rows = as_rows(grad_out, n)
-    programs = max(1, min(m, persistent_programs(x.device, _BWD_PROGRAMS_PER_SM)))
     sums = [grad_weight] if grad_bias is None else [grad_weight, grad_bias]
-    partial = torch.empty((len(sums), programs, n), dtype=torch.float32, device=x.device)
-    if m > 0:
-        p, scale = _dropout_args(dropout_p)
-        block_n = block_size(n)
-        args = (dy_rows, x_rows, r_rows, weight.contiguous(), mean, rstd, grad_x,
-                grad_residual if grad_residual is not None else grad_x, partial[0], partial[-1],
-                dy_rows.stride(0), x_rows.stride(0), r_rows.stride(0), m, n, triton.cdiv(m, programs), p, scale, seed)
-        flags = dict(HAS_RESIDUAL=residual is not None, HAS_BIAS=grad_bias is not None,
-                     HAS_DROPOUT=dropout_p > 0.0, STORE_DR=grad_residual is not None, BLOCK_N=block_n)
-        if x.is_cuda:
-            _bwd_tuned[(programs,)](*args, **flags)
-        else:
-            block_m = _interpreter_rows_per_program(block_n)
-            _bwd_kernel[(programs,)](*args, **flags, BLOCK_M=block_m, num_warps=warps_for(block_m * block_n))
+    if m == 0:
+        for out in sums:
+            out.zero_()
+        return
+    p, scale = _dropout_args(dropout_p)
+    block_n = block_size(n)
+    flags = dict(HAS_RESIDUAL=residual is not None, HAS_BIAS=grad_bias is not None,
+                 HAS_DROPOUT=dropout_p > 0.0, STORE_DR=grad_residual is not None, BLOCK_N=block_n)
+    # The partial sums hold one row per program; the grid is one wave of the configuration that runs
+    # (the autotuner tries several), so the buffer is sized for the largest wave any of them can have.
+    if interpreted() or not x.is_cuda:
+        capacity = min(m, INTERPRETER_PROGRAMS)
     else:
-        partial.zero_()
-    column_sums_into(partial, sums)
+        capacity = min(m, _MAX_WAVE_CTAS_PER_SM * sm_count(x.device))
+    partial = torch.empty((len(sums), capacity, n), dtype=torch.float32, device=x.device)
+    args = (dy_rows, x_rows, r_rows, weight.contiguous(), mean, rstd, grad_x,
+            grad_residual if grad_residual is not None else grad_x, partial[0], partial[-1],
+            dy_rows.stride(0), x_rows.stride(0), r_rows.stride(0), m, n, p, scale, seed)
+    launched = []
+
+    def grid(meta):
+        params = {**flags, "BLOCK_M": meta["BLOCK_M"], "NUM_WARPS": meta["NUM_WARPS"], "num_warps": meta["NUM_WARPS"]}
+        programs = min(capacity, programs_for(_bwd_kernel, args, params, x.device,
+                                              work_items=triton.cdiv(m, meta["BLOCK_M"])))
+        launched.append(programs)  # the last call is the launch that counts (the autotuner benchmarks first)
+        return (programs,)
+
+    launch(_bwd_kernel, _bwd_tuned, grid, args, flags, _with_warps(_fixed_config(block_n, **_BWD_CAPS)))
+    column_sums_into(partial, sums, num_rows=launched[-1])

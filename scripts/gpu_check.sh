@@ -43,6 +43,10 @@ stage "GPU tests: pytest -m gpu"
 timeout 150 "$PY" -m pytest -m gpu -q --maxfail=5 -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml" tests
 tests_rc=$?
 
+stage "static: every kernel x configuration compiled for sm_90 (pytest -m sm90_full, CPU only)"
+FASTBERT_SM90_JOBS="$(nproc)" timeout 240 "$PY" -m pytest -m sm90_full -q -p no:cacheprovider tests/test_sm90_compile.py
+static_rc=$?
+
 bench_rc=0
 if [ -f benchmarks/__main__.py ]; then
     stage "benchmarks: python -m benchmarks --device cuda --dtype bf16"
@@ -53,8 +57,9 @@ else
 fi
 
 stage "summary"
-echo "GPU tests exit code: $tests_rc   benchmarks exit code: $bench_rc   total: $(( $(date +%s) - start ))s"
+echo "GPU tests exit code: $tests_rc   sm_90 compile sweep exit code: $static_rc   benchmarks exit code: $bench_rc" \
+     "  total: $(( $(date +%s) - start ))s"
 if [ -f "$OUT_DIR/results.md" ]; then
     sed -n '/^## Goals/,$p' "$OUT_DIR/results.md"
 fi
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+exit $(( tests_rc != 0 || static_rc != 0 || bench_rc != 0 ))

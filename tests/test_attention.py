@@ -29,15 +29,10 @@ SLACK_ULPS = {torch.float32: 16, torch.float16: 1, torch.bfloat16: 1}
 
 
 @pytest.fixture(autouse=True)
-def poisoned_buffers(monkeypatch):
-    """Every buffer the kernels fill starts as NaN (an unwritten element shows up as NaN)."""
-
-    def nan_alloc(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(fa, "_alloc", nan_alloc)
+def poisoned_buffers(poison_empty, monkeypatch):
+    """Every buffer the kernels fill starts as NaN (the conftest fixture: an unwritten element shows up)."""
     # On a GPU, one fixed launch configuration: autotuning every small shape here would only add compiles.
-    monkeypatch.setattr(fa, "AUTOTUNE", False)
+    monkeypatch.setenv("FASTBERT_AUTOTUNE", "0")
 
 
 @pytest.fixture
@@ -180,6 +175,86 @@ def test_nan_in_padded_keys_and_values_never_leaks():
     # Padded keys get exactly zero gradient; a sequence with no real token gives zeros, not NaN.
     assert torch.all(dk[~mask] == 0) and torch.all(dv[~mask] == 0)
     assert torch.all(out[2] == 0) and torch.all(dq[2] == 0)
+
+
+def _padding_mask(kind, batch, seqlen):
+    """A (batch, seqlen) bool mask of one padding style, with odd lengths and a fully padded row."""
+    lengths = torch.tensor([seqlen, 1, 0, 27, 11][:batch], device=DEVICE)
+    positions = torch.arange(seqlen, device=DEVICE)[None, :]
+    if kind == "right":
+        return positions < lengths[:, None]
+    if kind == "left":
+        return positions >= seqlen - lengths[:, None]
+    if kind == "middle":  # padding at both ends: still one contiguous run of real tokens
+        start = (seqlen - lengths[:, None]) // 2
+        return (positions >= start) & (positions < start + lengths[:, None])
+    mask = torch.rand(batch, seqlen, device=DEVICE) < 0.6  # "holes": the general mask path
+    mask[2] = False
+    return mask
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "middle", "holes"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_padding_styles_match_float64(kind, dtype):
+    """Every padding style, with fully padded rows and blocks: forward and gradients vs float64."""
+    seqlen = 75  # > 2 interpreter blocks of 32: whole key and query blocks of padding get skipped
+    mask = _padding_mask(kind, 5, seqlen)
+    inputs = _qkv((5, seqlen, 2, 16), dtype)
+    _check_against_reference(lambda q, k, v: ops.attention(q, k, v, mask),
+                             lambda q, k, v: ops.attention_reference(q, k, v, mask), inputs, dtype)
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "middle", "holes"])
+def test_padding_keys_get_no_gradient_and_empty_sequences_give_zeros(kind):
+    seqlen = 70
+    mask = _padding_mask(kind, 5, seqlen)
+    q, k, v = _qkv((5, seqlen, 2, 16), torch.float32)
+    with backend.use("triton"):
+        out = ops.attention(q, k, v, mask)
+    dq, dk, dv = _grads(out, (q, k, v), torch.randn_like(out))
+    pad = ~mask
+    assert torch.all(dk[pad] == 0) and torch.all(dv[pad] == 0)
+    assert torch.all(out[2] == 0) and torch.all(dq[2] == 0)  # sequence 2 has no real token
+    # Padding queries of the other sequences attend to their real keys, as in transformers.
+    assert torch.all(out[[0, 1, 3, 4]].abs().sum(-1) > 0)
+
+
+def test_token_spans_of_each_padding_style():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 1, 1, 0, 0], [1, 0, 1, 0, 0], [0, 0, 0, 0, 0],
+                         [1, 1, 1, 1, 1]], dtype=torch.bool, device=DEVICE)
+    spans = fa.token_spans(mask)
+    assert spans.dtype == torch.int32
+    assert spans.tolist() == [[0, 3, 1], [2, 5, 1], [1, 3, 1], [0, 3, 0], [0, 0, 1], [0, 5, 1]]
+
+
+def test_dense_spans_drive_the_kernel_without_reading_the_mask(monkeypatch):
+    """A span marked dense is trusted: the kernels neither read the mask nor visit blocks past the span.
+    Here the mask says "all real" but the span says "first 20 tokens": the result must be the span's."""
+    seqlen, real = 70, 20
+    all_real = torch.ones(2, seqlen, dtype=torch.bool, device=DEVICE)
+    spans = torch.tensor([[0, real, 1], [0, real, 1]], dtype=torch.int32, device=DEVICE)
+    monkeypatch.setattr(fa, "token_spans", lambda mask: spans)
+    inputs = _qkv((2, seqlen, 2, 16), torch.float32)
+    prefix = _mask_from_lengths([real, real], seqlen)
+    _check_against_reference(lambda q, k, v: ops.attention(q, k, v, all_real),
+                             lambda q, k, v: ops.attention_reference(q, k, v, prefix), inputs, torch.float32)
+
+
+def test_spans_are_computed_once_per_mask(monkeypatch):
+    """Two layers and their backward on one mask reduce it once; changing the mask in place recomputes."""
+    calls = []
+    original = fa.token_spans
+    monkeypatch.setattr(fa, "token_spans", lambda mask: calls.append(1) or original(mask))
+    mask = _padding_mask("right", 3, 40)
+    q, k, v = _qkv((3, 40, 2, 16), torch.float32)
+    with backend.use("triton"):
+        out = ops.attention(ops.attention(q, k, v, mask), k, v, mask)
+        out.sum().backward()
+        assert len(calls) == 1
+        mask[0, 30:] = False
+        changed = ops.attention(q, k, v, mask)
+    assert len(calls) == 2
+    torch.testing.assert_close(changed, ops.attention_reference(q, k, v, mask))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -66,3 +66,17 @@ def test_time_budget_marks_skipped_subjects(tmp_path):
     runner_main(["--quick", "--device", "cpu", "--only", "model", "--out", str(tmp_path), "--time-budget", "0"])
     text = (tmp_path / "results.csv").read_text()
     assert "skipped: time budget" in text
+
+
+def test_runner_static_report_smoke(tmp_path, monkeypatch):
+    from benchmarks import bench_static
+
+    monkeypatch.setattr(bench_static, "QUICK_SET", "smoke")  # GELU's three kernels: seconds, not minutes
+    assert runner_main(["--quick", "--device", "cpu", "--only", "static", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "results.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["op"] == "static"]
+    kernels = {r["mode"] for r in rows}
+    assert {"_fwd_kernel", "_bwd_kernel", "_column_sum_kernel"} <= kernels
+    assert all(r["config"] and int(r["registers"]) > 0 and int(r["ctas_per_sm"]) >= 1 for r in rows)
+    md = (tmp_path / "results.md").read_text()
+    assert "## static: kernels compiled for sm_90" in md and md.count("| bias_gelu bf16 N768 |") == 3

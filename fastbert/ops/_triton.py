@@ -10,8 +10,10 @@ from types import ModuleType
 
 import torch
 
-# Seeds stay below 2**31 so Triton always types the seed argument as int32 (one compiled variant).
-_SEED_LIMIT = 2**31 - 1
+# The one seed-typing rule of every kernel (kernels/_launch.py: SEED_LIMIT, check_seed): seeds are in
+# [0, 2**31), so Triton types the seed argument as int32 whatever the draw (one compiled variant).
+# Not imported from there: that module imports triton.
+_SEED_LIMIT = 2**31
 
 
 def kernel_module(name: str) -> ModuleType:

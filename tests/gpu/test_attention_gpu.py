@@ -25,7 +25,7 @@ FACTOR = 3.0
 def fixed_config(monkeypatch):
     """One launch configuration instead of autotuning: the shape sweeps below would otherwise compile
     every candidate configuration for every head dim."""
-    monkeypatch.setattr(fa, "AUTOTUNE", False)
+    monkeypatch.setenv("FASTBERT_AUTOTUNE", "0")
 
 
 @pytest.fixture

@@ -1,0 +1,87 @@
+"""Every Triton kernel compiles for the H200 (sm_90) in every configuration its launcher can choose.
+
+No GPU needed: :mod:`benchmarks.sm90_compile` captures the real launchers' arguments on meta
+tensors, specialises them as a launch would and compiles with Triton's bundled ptxas (in a child
+process: this one runs the kernels under the interpreter, which accepts code the compiler rejects).
+The default suite compiles a representative subset; the full sweep (``-m sm90_full``, minutes) runs
+in scripts/gpu_check.sh.
+"""
+import os
+
+import pytest
+
+pytest.importorskip("triton")
+
+from benchmarks import sm90_compile  # noqa: E402
+
+# Every kernel of fastbert.kernels must show up: a launcher that stops launching one is a failure here.
+ALL_KERNELS = {"_attention_fwd_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel", "_fwd_kernel",
+               "_bwd_kernel", "_column_sum_kernel"}
+# Attention dots that must run on Hopper's wgmma (the dK/dV kernel's transposed dots may use mma.sync).
+WGMMA_KERNELS = ("_attention_fwd_kernel", "_attention_bwd_dq_kernel")
+
+
+def check(rows):
+    assert rows, "no kernel was captured"
+    failures = []
+    for r in rows:
+        where = f"{r.case} | {r.kernel} | {r.config}"
+        if r.error:
+            failures.append(f"{where}: does not compile: {r.error}")
+            continue
+        if r.smem_bytes > sm90_compile.SMEM_PER_BLOCK_MAX:
+            failures.append(f"{where}: {r.smem_bytes} B shared memory > 227 KB")
+        if r.spill_bytes != 0:
+            failures.append(f"{where}: spills {r.spill_bytes} B")
+        # fp32 attention uses ieee dots, which wgmma (tf32 at best) cannot run.
+        if r.kernel in WGMMA_KERNELS and " fp32 " not in f" {r.case} " and (r.other_dots or not r.wgmma_dots):
+            failures.append(f"{where}: {r.other_dots} of {r.other_dots + r.wgmma_dots} dots not on wgmma")
+    assert not failures, "\n".join(failures)
+    kernels = {r.kernel for r in rows}
+    assert ALL_KERNELS <= kernels, f"kernels never launched: {ALL_KERNELS - kernels}"
+
+
+def test_occupancy_arithmetic():
+    # 255 registers x 32 threads round up to 8192 per warp: two 4-warp blocks fill the 65536 registers.
+    assert sm90_compile.ctas_per_sm(255, 0, 4) == (2, "regs")
+    # 64 KB + the 1 KB reserved per block: three blocks in 228 KB.
+    assert sm90_compile.ctas_per_sm(64, 64 * 1024, 4) == (3, "smem")
+    assert sm90_compile.ctas_per_sm(16, 0, 16) == (4, "warps")
+    assert sm90_compile.ctas_per_sm(16, 0, 1) == (32, "ctas")
+
+
+@pytest.mark.parametrize("configs", ["_FWD_CONFIGS", "_BWD_DQ_CONFIGS", "_BWD_DKDV_CONFIGS"])
+def test_attention_autotuner_keeps_a_non_spilling_choice_at_every_head_dim(configs):
+    import triton
+
+    from fastbert.kernels import flash_attention as fa
+
+    table = getattr(fa, configs)
+    prune = fa._prune_spilling({tuple(c[:4]): c[4:] for c in table})
+    candidates = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s, *_ in table]
+    for block_d in (16, 32, 64, 128):
+        for dropout in (False, True):
+            kept = prune(candidates, {}, BLOCK_D=block_d, HAS_DROPOUT=dropout)
+            limits = [table[candidates.index(c)][5 if dropout else 4] for c in kept]
+            # Never the fallback: some entry is declared spill-free here, and only such entries are kept.
+            assert kept and all(block_d <= limit for limit in limits), (configs, block_d, dropout)
+            if block_d == 16 and not dropout:
+                assert len(kept) == len(candidates)
+    # The wide dK/dV tiles spill at head dim 64: they must not be tried there.
+    if configs == "_BWD_DKDV_CONFIGS":
+        kept = prune(candidates, {}, BLOCK_D=64, HAS_DROPOUT=False)
+        assert all(c.kwargs["BLOCK_N"] <= 64 for c in kept)
+
+
+def test_representative_subset_compiles_for_sm90():
+    rows = sm90_compile.compile_in_subprocess("default", jobs=2)
+    check(rows)
+    # Both paths of the attention launcher are covered: the autotuned configurations and the fixed one.
+    attention = {r.config.split()[0] for r in rows if r.kernel == "_attention_fwd_kernel"}
+    assert attention == {"tuned", "fixed"}
+
+
+@pytest.mark.slow
+@pytest.mark.sm90_full
+def test_every_configuration_compiles_for_sm90():
+    check(sm90_compile.compile_in_subprocess("full", jobs=int(os.environ.get("FASTBERT_SM90_JOBS", os.cpu_count()))))
