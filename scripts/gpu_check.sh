@@ -43,10 +43,6 @@ stage "GPU tests: pytest -m gpu"
 timeout 150 "$PY" -m pytest -m gpu -q --maxfail=5 -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml" tests
 tests_rc=$?
 
-stage "static: every kernel x configuration compiled for sm_90 (pytest -m sm90_full, CPU only)"
-FASTBERT_SM90_JOBS="$(nproc)" timeout 240 "$PY" -m pytest -m sm90_full -q -p no:cacheprovider tests/test_sm90_compile.py
-static_rc=$?
-
 bench_rc=0
 if [ -f benchmarks/__main__.py ]; then
     stage "benchmarks: python -m benchmarks --device cuda --dtype bf16"
@@ -54,6 +50,18 @@ if [ -f benchmarks/__main__.py ]; then
     bench_rc=$?
 else
     stage "benchmarks: runner not present yet (benchmarks/__main__.py)"
+fi
+
+# The sweep is CPU work (ptxas), so it runs last, in whatever is left of the 8 minutes: the GPU stages
+# come first. Anything it cannot reach in time runs in CI's default subset or on any CPU machine.
+static_left=$(( 470 - ($(date +%s) - start) ))
+if [ "$static_left" -ge 60 ]; then
+    stage "static: every kernel x configuration compiled for sm_90 (pytest -m sm90_full, CPU only, ${static_left}s left)"
+    FASTBERT_SM90_JOBS="$(nproc)" timeout "$static_left" "$PY" -m pytest -m sm90_full -q -p no:cacheprovider tests/test_sm90_compile.py
+    static_rc=$?
+else
+    stage "static: skipped, ${static_left}s left of the 8 minutes (run pytest -m sm90_full on any CPU machine)"
+    static_rc=0
 fi
 
 stage "summary"
