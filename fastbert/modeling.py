@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from fastbert import ops, weights
 from fastbert._validation import DtypeError, check_tensor, value_checks_cheap
 from fastbert.config import BertConfig
+from fastbert.masking import IGNORE_INDEX
 from fastbert.ops.attention import varlen_preferred
 from fastbert.outputs import (
     BaseModelOutputWithPooling,
@@ -28,8 +29,6 @@ from fastbert.outputs import (
 )
 
 logger = logging.getLogger("fastbert")
-
-IGNORE_INDEX = -100
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -626,7 +625,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
             return F.mse_loss(logits.float().view(-1), labels.float().view(-1))
         if problem == "single_label_classification":
             _check_labels("labels", labels, (batch,), self.num_labels, allow_ignore=True)
-            return F.cross_entropy(logits.float(), labels)
+            return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
         check_tensor("labels", labels)
         if tuple(labels.shape) != (batch, self.num_labels):
             raise ValueError(f"multi-label labels must have shape {(batch, self.num_labels)}, got {tuple(labels.shape)}")
