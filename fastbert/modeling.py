@@ -304,10 +304,16 @@ class BertPreTrainedModel(nn.Module):
             keys.append("cls.predictions.decoder.weight")
         return tuple(keys)
 
-    @property
-    def num_parameters(self) -> int:
-        """Unique parameters (tied ones counted once)."""
-        return sum(p.numel() for p in self.parameters())
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Number of parameters, tied ones counted once; a method with transformers' arguments.
+
+        ``only_trainable``: those with ``requires_grad``. ``exclude_embeddings``: without the
+        ``nn.Embedding`` weights (word, position, token type).
+        """
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings \
+            else set()
+        return sum(p.numel() for p in self.parameters()
+                   if id(p) not in embeddings and (p.requires_grad or not only_trainable))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, config: BertConfig | None = None,
