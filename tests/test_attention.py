@@ -13,6 +13,7 @@ import torch
 
 import fastbert
 from fastbert import backend, ops
+from tests.spies import count_calls
 
 # The module, not the function of the same name that fastbert.ops exports.
 attention_module = importlib.import_module("fastbert.ops.attention")
@@ -43,16 +44,7 @@ def poisoned_buffers(monkeypatch):
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts launches of the Triton forward and backward (proof that no torch fallback ran)."""
-    calls = {"forward": 0, "backward": 0}
-    for name in calls:
-        original = getattr(fa, name)
-
-        def counted(*args, _original=original, _name=name, **kwargs):
-            calls[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(fa, name, counted)
-    return calls
+    return count_calls(monkeypatch, fa, ("forward", "backward"))
 
 
 def _qkv(shape, dtype, *, requires_grad=True):

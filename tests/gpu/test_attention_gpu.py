@@ -12,6 +12,7 @@ import torch
 
 import fastbert
 from fastbert import backend, ops
+from tests.spies import count_calls
 
 pytestmark = pytest.mark.gpu
 
@@ -30,16 +31,7 @@ def fixed_config(monkeypatch):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    calls = {"forward": 0, "backward": 0}
-    for name in calls:
-        original = getattr(fa, name)
-
-        def counted(*args, _original=original, _name=name, **kwargs):
-            calls[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(fa, name, counted)
-    return calls
+    return count_calls(monkeypatch, fa, ("forward", "backward"))
 
 
 def _assert_within(name, got, same_precision, exact):

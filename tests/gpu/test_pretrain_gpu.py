@@ -1,9 +1,11 @@
 """On a CUDA GPU: a short pre-training run in bf16 and in fp16 (GradScaler) with the fused kernels."""
-import collections
+import importlib
 import json
 import math
 
 import pytest
+
+from tests.spies import count_calls
 
 pytestmark = pytest.mark.gpu
 
@@ -13,19 +15,10 @@ FUSED_FORWARDS = [("flash_attention", "forward"), ("layer_norm", "layer_norm_fwd
 
 @pytest.fixture
 def kernel_launches(monkeypatch):
-    """Counts the forward launches of each fused kernel."""
-    import importlib
-
-    counts = collections.Counter()
+    """Counts the forward launches of each fused kernel, by launcher name."""
+    counts = {}
     for module_name, launcher in FUSED_FORWARDS:
-        module = importlib.import_module(f"fastbert.kernels.{module_name}")
-        original = getattr(module, launcher)
-
-        def counting(*args, _name=module_name, _original=original, **kwargs):
-            counts[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(module, launcher, counting)
+        count_calls(monkeypatch, importlib.import_module(f"fastbert.kernels.{module_name}"), (launcher,), counts)
     return counts
 
 
@@ -50,7 +43,7 @@ def test_short_run_on_gpu(tmp_path, precision, kernel_launches):
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert all(r["tokens_per_s"] > 0 for r in steps)
-    assert all(kernel_launches[name] > 0 for name, _ in FUSED_FORWARDS), kernel_launches
+    assert all(kernel_launches[launcher] > 0 for _, launcher in FUSED_FORWARDS), kernel_launches
     if precision == "fp16":
         # GradScaler ran: its scale starts at 2**16 and only halves, on an overflow, in a run this short
         # (it grows after 2000 clean steps); each skipped step the trainer counts is one of those halvings.
