@@ -117,8 +117,9 @@ def unpad_input(hidden: torch.Tensor, attention_mask: torch.Tensor
 
 def _check_indices_in_range(indices: torch.Tensor, num_rows: int) -> None:
     """Indices must address one of ``num_rows`` token slots. Checked where reading them is free (CPU
-    tensors) or asked for (FASTBERT_DEBUG=1): on CUDA the check is a device sync."""
-    if value_checks_cheap(indices) and indices.numel():
+    tensors) or asked for (FASTBERT_DEBUG=1): on CUDA the check is a device sync. Not while compiling
+    (reading values would break the graph), as the attention ops' checks."""
+    if value_checks_cheap(indices) and indices.numel() and not torch.compiler.is_compiling():
         low, high = int(indices.min()), int(indices.max())
         if low < 0 or high >= num_rows:
             raise ValueError(f"indices must be in [0, {num_rows}) (the batch's token slots), got values in "
