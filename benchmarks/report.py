@@ -110,6 +110,8 @@ GOALS = (
          lambda rows, p: _ratio(rows, "masking", "mlm", "hf_collator", ours="fastbert_collator")),
     Goal("patched HF BERT-base seq512 mix vs HF SDPA", 2.0, "x",
          lambda rows, p: _ratio(rows, "patched_hf", "step", "hf_sdpa", "L512 ", "mix", ours="patched")),
+    Goal("sentence embeddings (SentenceTransformer.encode) patched vs SDPA", 2.0, "x",
+         lambda rows, p: _ratio(rows, "embeddings", "encode", "st_sdpa", ours="st_patched")),
 )
 
 

@@ -20,7 +20,7 @@ from . import ceilings, report
 from .common import DTYPES, Row, environment, format_table, stamp, write_csv
 
 # Subject name → module (benchmarks/bench_<name>.py); run in this order.
-SUBJECTS = ("attention", "layer_norm", "bias_gelu", "bert_layer", "model", "patched_hf", "masking", "data")
+SUBJECTS = ("attention", "layer_norm", "bias_gelu", "bert_layer", "model", "patched_hf", "embeddings", "masking", "data")
 
 
 def _progress(items, total):

@@ -293,15 +293,23 @@ def test_call_time_errors_are_clear():
     ids, mask, types = ragged_batch(ODD["vocab_size"])
     with pytest.raises(ValueError, match="output_attentions"):
         model(input_ids=ids, attention_mask=mask, output_attentions=True)
-    four_d = mask[:, None, None, :].expand(-1, 1, ids.shape[1], -1).bool()
+    causal = torch.tril(torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool)).expand(ids.shape[0], 1, -1, -1)
+    with pytest.raises(ValueError, match="bidirectional"):
+        model(input_ids=ids, attention_mask=causal)
+    bias = torch.randn(ids.shape[0], 1, ids.shape[1], ids.shape[1])
+    with pytest.raises(ValueError, match="additive padding"):
+        model(input_ids=ids, attention_mask=bias)
+    hidden = torch.randn(*ids.shape, ODD["hidden_size"])
     with pytest.raises(ValueError, match="2-D"):
-        model(input_ids=ids, attention_mask=four_d)
+        model.encoder(hidden, attention_mask=mask[:, None, :])
+    with pytest.raises(ValueError, match="batch is"):
+        model.encoder(hidden, attention_mask=mask[:, :5])
 
 
 def test_not_a_bert_is_a_type_error():
-    with pytest.raises(TypeError, match="transformers BERT"):
+    with pytest.raises(TypeError, match="BERT, RoBERTa, XLM-RoBERTa, CamemBERT and ELECTRA"):
         fastbert.patch_hf(torch.nn.Linear(3, 3))
-    with pytest.raises(TypeError, match="transformers BERT"):
+    with pytest.raises(TypeError, match="BERT, RoBERTa"):
         fastbert.patch_hf(fastbert.BertModel(fastbert.BertConfig(**{k: v for k, v in ODD.items()})))
     with pytest.raises(TypeError, match="unpad"):
         fastbert.patch_hf(make_hf(), unpad="yes")
