@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -46,7 +47,9 @@ def _pretrain(args: argparse.Namespace) -> int:
     fields = {f for f in PretrainConfig.__dataclass_fields__}
     config = PretrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     result = pretrain(config)
-    return 130 if result.interrupted else 0
+    if not result.interrupted:
+        return 0
+    return 143 if result.signal == "SIGTERM" else 130  # 128 + the signal number, as shells report it
 
 
 def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +65,7 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch-size", type=int, default=d.batch_size, help="sequences per device per micro-step")
     a("--grad-accum", type=int, default=d.grad_accum)
     a("--seq-len", type=int, default=d.seq_len)
-    a("--lr", type=float, default=None, help="peak learning rate (default 2e-3 LAMB, 5e-4 AdamW)")
+    a("--lr", type=float, default=None, help="peak learning rate (default 2e-2 LAMB: tuned for bert-tiny at batch 32; 5e-4 AdamW)")
     a("--warmup", type=float, default=d.warmup, help="< 1: fraction of max steps; >= 1: steps")
     a("--schedule", choices=("linear", "poly"), default=d.schedule)
     a("--optimizer", choices=("lamb", "adamw"), default=d.optimizer)
@@ -75,7 +78,9 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     a("--save-every", type=int, default=d.save_every)
     a("--keep", type=int, default=d.keep, help="checkpoints to keep")
     a("--eval-every", type=int, default=d.eval_every)
-    a("--eval-batches", type=int, default=d.eval_batches)
+    a("--eval-batches", type=int, default=d.eval_batches, help="held-out batches per eval (collated once)")
+    a("--eval-fraction", type=float, default=d.eval_fraction,
+      help="fraction of the documents held out for eval (spread over the corpus, never trained on)")
     a("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     a("--stop-at", type=int, default=None,
       help="stop after this step with a checkpoint (for time-limited jobs); --resume continues to --max-steps")
@@ -92,13 +97,36 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
 def _finetune(args: argparse.Namespace) -> int:
     from fastbert.finetune import FinetuneConfig, run_finetune
 
-    run_finetune(FinetuneConfig(
-        model=args.model, train=args.train, eval=args.eval, output=args.output, text_col=args.text_col,
-        text_pair_col=args.text_pair_col, label_col=args.label_col, epochs=args.epochs, lr=args.lr,
-        batch_size=args.batch_size, seq_len=args.seq_len, precision=args.precision, device=args.device,
-        seed=args.seed, max_steps=args.max_steps,
-    ))
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    run_finetune(FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields}))
     return 0
+
+
+def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastbert.device import DEVICES_HELP, PRECISIONS
+    from fastbert.finetune import FinetuneConfig
+
+    # The defaults are FinetuneConfig's (it has required fields, so read them off the dataclass).
+    d = {f.name: f.default for f in dataclasses.fields(FinetuneConfig) if f.default is not dataclasses.MISSING}
+    a = parser.add_argument
+    a("--model", required=True, help="checkpoint directory (config.json, weights, tokenizer.json or vocab.txt)")
+    a("--train", required=True, help="training examples: .csv, .tsv (header line) or .jsonl")
+    a("--eval", required=True, help="evaluation examples, same format and columns")
+    a("--output", default=d["output"], help="where to save the model (default: ./<model>-finetuned)")
+    a("--text-col", default=d["text_col"], help=f"column with the text (default: {d['text_col']})")
+    a("--text-pair-col", default=d["text_pair_col"], help="column with the second text of a pair, if any")
+    a("--label-col", default=d["label_col"], help=f"column with the label (default: {d['label_col']})")
+    a("--epochs", type=int, default=d["epochs"])
+    a("--lr", type=float, default=d["lr"], help="peak learning rate (AdamW, linear schedule)")
+    a("--warmup-ratio", type=float, default=d["warmup_ratio"], help="fraction of the steps spent warming up")
+    a("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay (not on biases/LayerNorm)")
+    a("--batch-size", type=int, default=d["batch_size"])
+    a("--seq-len", type=int, default=d["seq_len"], help="longest input in tokens; longer ones are cut")
+    a("--precision", default=d["precision"], choices=PRECISIONS,
+      help="auto: bf16 autocast on a GPU that has it, fp16 + GradScaler on one that has not, fp32 on the CPU")
+    a("--device", default=d["device"], help=DEVICES_HELP)
+    a("--seed", type=int, default=d["seed"])
+    a("--max-steps", type=int, default=d["max_steps"], help="stop after this many optimizer steps")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,23 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune", help="fine-tune a BERT checkpoint for text classification on CSV/TSV/JSONL files",
         description="Train a classifier on the checkpoint's encoder, report eval accuracy per epoch and save a "
                     "directory that transformers loads (BertForSequenceClassification).")
-    finetune.add_argument("--model", required=True,
-                          help="checkpoint directory (config.json, weights, tokenizer.json or vocab.txt)")
-    finetune.add_argument("--train", required=True, help="training examples: .csv, .tsv (header line) or .jsonl")
-    finetune.add_argument("--eval", required=True, help="evaluation examples, same format and columns")
-    finetune.add_argument("--output", default=None, help="where to save the model (default: ./<model>-finetuned)")
-    finetune.add_argument("--text-col", default="text", help="column with the text (default: text)")
-    finetune.add_argument("--text-pair-col", default=None, help="column with the second text of a pair, if any")
-    finetune.add_argument("--label-col", default="label", help="column with the label (default: label)")
-    finetune.add_argument("--epochs", type=int, default=3)
-    finetune.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (AdamW, linear schedule)")
-    finetune.add_argument("--batch-size", type=int, default=32)
-    finetune.add_argument("--seq-len", type=int, default=128, help="longest input in tokens; longer ones are cut")
-    finetune.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                          help="auto = bf16 autocast on a GPU that supports it, fp32 otherwise")
-    finetune.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    finetune.add_argument("--seed", type=int, default=0)
-    finetune.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    _add_finetune_arguments(finetune)
     finetune.set_defaults(run=_finetune)
     return parser
 
@@ -173,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:
         # Bad input is reported as one line, not a traceback.
         print(f"fastbert {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # A full disk, a read-only folder, ...: what failed and where, in one line.
+        where = f": {err.filename}" if err.filename else ""
+        print(f"fastbert {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fastbert {args.command}: interrupted", file=sys.stderr)

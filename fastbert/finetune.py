@@ -8,12 +8,11 @@ transformers loads (config with ``id2label``, ``model.safetensors``, the tokeniz
 """
 from __future__ import annotations
 
-import contextlib
 import csv
+import io
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +22,14 @@ import torch
 
 from fastbert import weights
 from fastbert.config import BertConfig
+from fastbert.device import PRECISIONS, resolve_device, resolve_precision
 from fastbert.modeling import BertForSequenceClassification
 from fastbert.pretrain.optim import build_optimizer
+from fastbert.pretrain.schedule import build_scheduler, warmup_steps
 
 logger = logging.getLogger("fastbert")
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
-_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 _JSON_LINES = (".jsonl", ".ndjson", ".json")
 
 
@@ -47,7 +46,7 @@ class FinetuneConfig:
     lr: float = 5e-5
     batch_size: int = 32
     seq_len: int = 128
-    precision: str = "auto"  # auto = bf16 on a GPU that has it, else fp32
+    precision: str = "auto"  # auto: bf16 on a GPU that has it, fp16 on one that has not, fp32 on the CPU
     device: str = "auto"
     seed: int = 0
     weight_decay: float = 0.01
@@ -106,35 +105,99 @@ def _label_text(value: Any, where: str) -> str:
 def _text(value: Any, column: str, where: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{where}: column {column!r} must hold text, got {value!r}")
+    if not value.strip():
+        # Nothing to classify: most likely a wrong column or a broken row; refuse instead of training on it.
+        raise ValueError(f"{where}: column {column!r} is empty; remove the row or fill in its text")
     return value
+
+
+def _decoded_text(path: Path) -> str:
+    """The file as text: UTF-8 (a leading byte-order mark is dropped); anything else is refused by line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as "
+                         "UTF-8") from None
+
+
+def _lines(text: str) -> list[str]:
+    # Only \n (and \r\n) end a line: str.splitlines would also split at form feeds, U+2028 and the like,
+    # which can occur inside a text.
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def _csv_rows(path: Path, text: str):
+    """CSV: RFC 4180 quoting (a quoted field may hold commas and line breaks)."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows, header = [], None
+    try:
+        for fields in reader:
+            if header is None:
+                header = fields
+                if not header:
+                    break
+            elif not fields:  # a blank line
+                continue
+            elif len(fields) > len(header):
+                raise ValueError(f"{path}:{reader.line_num}: {len(fields)} fields but the header has "
+                                 f"{len(header)}; quote a field that holds a comma")
+            else:
+                rows.append((reader.line_num, dict(zip(header, fields))))  # a short row lacks the last columns
+    except csv.Error as err:  # an unclosed quote, a stray character after a closing one
+        raise ValueError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
+    if not header:
+        raise ValueError(f"{path} is empty: expected a header line with the column names")
+    return rows, header
+
+
+def _tsv_rows(path: Path, text: str):
+    """TSV as GLUE and most tools write it: one record per line, fields split at every tab, no quoting
+    (a field may start with a quote character and is kept as written)."""
+    lines = _lines(text)
+    if not lines or not lines[0].strip():
+        raise ValueError(f"{path} is empty: expected a header line with the column names")
+    header = lines[0].split("\t")
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            # A tab inside a text (or a missing field) would shift the columns: refuse rather than guess.
+            raise ValueError(f"{path}:{number}: {len(fields)} tab-separated fields but the header has "
+                             f"{len(header)}; a text must not contain a tab")
+        rows.append((number, dict(zip(header, fields))))
+    return rows, header
+
+
+def _json_lines_rows(path: Path, text: str):
+    rows, columns = [], {}
+    for number, line in enumerate(_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}); expected one JSON object per line") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        columns.update(dict.fromkeys(record))
+        rows.append((number, record))
+    return rows, list(columns)
 
 
 def _rows(path: Path):
     """(line number, row dict) for every record of a CSV/TSV/JSONL file, and the columns seen."""
     suffix = path.suffix.lower()
-    if suffix in _DELIMITERS:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle, delimiter=_DELIMITERS[suffix])
-            if not reader.fieldnames:
-                raise ValueError(f"{path} is empty: expected a header line with the column names")
-            columns = list(reader.fieldnames)
-            return [(reader.line_num, row) for row in reader], columns
-    if suffix in _JSON_LINES:
-        rows, columns = [], {}
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}); expected one JSON object per line") from err
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-                columns.update(dict.fromkeys(record))
-                rows.append((number, record))
-        return rows, list(columns)
-    raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .tsv or .jsonl")
+    readers = {".csv": _csv_rows, ".tsv": _tsv_rows, **dict.fromkeys(_JSON_LINES, _json_lines_rows)}
+    if suffix not in readers:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .csv, .tsv or .jsonl")
+    return readers[suffix](path, _decoded_text(path))
 
 
 def read_examples(path: str | Path, text_col: str = "text", text_pair_col: str | None = None,
@@ -187,15 +250,23 @@ def check_labels(examples: list[Example], labels: list[str]) -> None:
 # Tokenization
 # ---------------------------------------------------------------------------------------------------
 def load_tokenizer(model_dir: Path, seq_len: int):
-    """The checkpoint's tokenizer (``tokenizer.json`` preferred, else ``vocab.txt``), truncating to
-    ``seq_len`` and not padding (batches are padded to their own longest example)."""
+    """The checkpoint's tokenizer (``tokenizer.json`` preferred, else ``vocab.txt``), adding [CLS]/[SEP]
+    as BERT does, truncating to ``seq_len`` and not padding (batches are padded to their own longest
+    example). A ``tokenizer.json`` without a post-processor (older `fastbert prepare` output) gets BERT's."""
     if (model_dir / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
+
+        from fastbert.data.tokenizer import with_bert_post_processor
 
         try:
             tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         except Exception as err:  # a malformed file: say which, not a Rust trace
             raise ValueError(f"cannot read {model_dir / 'tokenizer.json'}: {err}") from None
+        if tokenizer.post_processor is None:
+            try:
+                tokenizer = with_bert_post_processor(tokenizer)
+            except ValueError as err:
+                raise ValueError(f"{model_dir / 'tokenizer.json'}: {err}") from None
     elif (model_dir / "vocab.txt").is_file():
         from tokenizers import BertWordPieceTokenizer
 
@@ -275,28 +346,6 @@ def load_model(model_dir: Path, labels: list[str]) -> BertForSequenceClassificat
     return model
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
-    return device
-
-
-def _autocast(precision: str, device: torch.device):
-    """(autocast context factory, GradScaler or None) for the requested precision."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext, None
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
-
-
 def evaluate(model: BertForSequenceClassification, data: Encoded, batch_size: int, pad_id: int,
              device: torch.device, autocast) -> float:
     """Accuracy of ``model`` on ``data``."""
@@ -339,18 +388,17 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     eval_data = encode(tokenizer, eval_examples, labels, config)
 
     torch.manual_seed(cfg.seed)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     model = load_model(model_dir, labels).to(device).train()
-    autocast, scaler = _autocast(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device)
+    autocast, scaler = precision.autocast, precision.grad_scaler()
     optimizer = build_optimizer(model, "adamw", cfg.lr, cfg.weight_decay, eps=1e-8)  # no decay on biases/LayerNorm
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    warmup = int(cfg.warmup_ratio * total_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: (step + 1) / (warmup + 1) if step < warmup
-        else max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
+    schedule = build_scheduler(optimizer, warmup=warmup_steps(cfg.warmup_ratio, total_steps), max_steps=total_steps,
+                               schedule="linear")
     print(f"finetune: {model_dir} → {len(labels)} labels {labels}; {len(train_examples)} train / "
           f"{len(eval_examples)} eval examples; {total_steps} steps on {device}")
 
@@ -395,9 +443,9 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
 
     output = Path(cfg.output) if cfg.output else Path.cwd() / f"{model_dir.resolve().name}-finetuned"
     model.save_pretrained(output)
-    for name in TOKENIZER_FILES:
-        if (model_dir / name).is_file():
-            shutil.copyfile(model_dir / name, output / name)
+    from fastbert.data.tokenizer import copy_tokenizer_files
+
+    copy_tokenizer_files([model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()], output)
     result.output = output
     print(f"saved to {output} (transformers: BertForSequenceClassification.from_pretrained({str(output)!r}))")
     return result

@@ -110,6 +110,11 @@ def _check_masking_args(input_ids, mask_token_id, vocab_size, special_token_ids,
     return specials, seed
 
 
+def _empty_result(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mask_tokens' result for a batch without tokens: nothing to mask, the shape kept."""
+    return input_ids.clone(), torch.full_like(input_ids, IGNORE_INDEX)
+
+
 def _seed_from_torch() -> int:
     """A 63-bit seed from torch's default CPU generator, so ``torch.manual_seed`` reproduces a run."""
     return int(torch.empty((), dtype=torch.int64).random_())
@@ -129,9 +134,12 @@ def mask_tokens(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int,
 
     Returns new tensors ``(masked_input_ids, labels)``, both int64 (batch, seqlen); ``input_ids`` is not
     modified. Runs on torch's intra-op threads (``torch.set_num_threads``); same seed, same result.
+    An empty batch (batch = 0 or seqlen = 0) gives two empty tensors of that shape (no draws are made).
     """
     specials, seed = _check_masking_args(input_ids, mask_token_id, vocab_size, special_token_ids,
                                          mlm_probability, mask_ratio, random_ratio, word_starts, seed)
+    if input_ids.numel() == 0:
+        return _empty_result(input_ids)
     if seed is None:
         seed = _seed_from_torch()
     return _extension.load().mask_tokens(
@@ -224,6 +232,8 @@ def mask_tokens_reference(input_ids: torch.Tensor, *, mask_token_id: int, vocab_
     """
     specials, seed = _check_masking_args(input_ids, mask_token_id, vocab_size, special_token_ids,
                                          mlm_probability, mask_ratio, random_ratio, word_starts, seed)
+    if input_ids.numel() == 0:
+        return _empty_result(input_ids)
     batch, seqlen = input_ids.shape
     if draws is None:
         draws = masking_draws_reference(_seed_from_torch() if seed is None else seed, batch, seqlen)

@@ -322,6 +322,7 @@ def test_float64_is_a_value_error_under_triton():
         (torch.tensor([0, 7, 5, 9], dtype=torch.int32), 7, ValueError, "non-decreasing"),
         (torch.tensor([1, 4, 9], dtype=torch.int32), 5, ValueError, "start at 0"),
         (torch.tensor([0, 4, 9], dtype=torch.int32), 3, ValueError, "max_seqlen"),
+        (torch.tensor([0, 4, 9], dtype=torch.int32), 2**40, ValueError, "larger than the number of tokens"),
         (torch.tensor([9], dtype=torch.int32), 9, ValueError, "length batch \\+ 1"),
         (torch.tensor([[0, 9]], dtype=torch.int32), 9, ValueError, "1-D"),
     ],

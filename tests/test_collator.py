@@ -204,8 +204,10 @@ def test_bad_inputs_give_clear_errors():
         collator()([(good, [0, 0])])
     with pytest.raises(ValueError, match="without 'input_ids'"):
         collator()([{"ids": good}])
-    with pytest.raises(ValueError, match="non-empty list"):
+    with pytest.raises(ValueError, match="non-empty list"):  # B = 0
         collator()([])
+    with pytest.raises(ValueError, match="example 0 has 0 tokens"):  # L = 0
+        collator()([[], []])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         collator()([[CLS, VOCAB + 5, SEP]])
     with pytest.raises(ValueError, match="packing=True needs"):

@@ -217,6 +217,61 @@ def test_given_tokenizer_files_and_a_released_vocab(tmp_path):
     assert hf(sentence)["input_ids"] == reference(sentence)["input_ids"]
 
 
+def _vocab_only_reference(tmp_path, vocab_txt, lowercase=True):
+    """transformers' BertTokenizerFast built from the bare vocab.txt: BERT's own [CLS]/[SEP] rules."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / f"reference-{vocab_txt.parent.name}"
+    folder.mkdir()
+    (folder / "vocab.txt").write_bytes(vocab_txt.read_bytes())
+    return transformers.BertTokenizerFast.from_pretrained(str(folder), do_lower_case=lowercase)
+
+
+def _assert_encodes_like(tokenizer, reference, texts, pairs):
+    for text in texts:
+        ours, want = tokenizer.encode(text), reference(text)
+        assert ours.ids == want["input_ids"] and ours.type_ids == want["token_type_ids"], text
+    for first, second in pairs:
+        ours, want = tokenizer.encode(first, second), reference(first, second)
+        assert ours.ids == want["input_ids"] and ours.type_ids == want["token_type_ids"], (first, second)
+    batch = tokenizer.encode_batch([tuple(pair) for pair in pairs])
+    assert [e.ids for e in batch] == reference([p[0] for p in pairs], [p[1] for p in pairs])["input_ids"]
+
+
+def test_saved_tokenizer_json_adds_cls_and_sep_as_bert_does(tmp_path):
+    import tokenizers
+
+    from fastbert.data.tokenizer import copy_tokenizer_files
+
+    corpus = write_bert_format(tmp_path / "corpus.txt", random_documents(11, 12))
+    sentences = [sentence for document in random_documents(12, 4) for sentence in document]
+    texts = sentences + [""]
+    # (An empty second text is left out: transformers then encodes the first alone.)
+    pairs = list(zip(sentences[::2], sentences[1::2]))
+    trained = prepare_corpus(corpus, tmp_path / "trained", vocab_size=120)  # [CLS]/[SEP] are ids 2/3
+    # BERT's layout ([CLS]/[SEP] at 101/102) through a given vocab.txt
+    released = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    released += [t for t in (tmp_path / "trained" / "vocab.txt").read_text().splitlines() if not t.startswith("[")]
+    (tmp_path / "released.txt").write_text("\n".join(released) + "\n")
+    given = prepare_corpus(corpus, tmp_path / "given", tokenizer=tmp_path / "released.txt")
+    for data in (trained, given):
+        tokenizer = tokenizers.Tokenizer.from_file(str(data.data_dir / "tokenizer.json"))
+        reference = _vocab_only_reference(tmp_path, data.data_dir / "vocab.txt")
+        _assert_encodes_like(tokenizer, reference, texts, pairs)
+        assert tokenizer.encode("the cat", "sat").ids[0] == data.cls_id
+
+    # A tokenizer.json written before the post-processor was added is fixed when the package copies it.
+    spec = json.loads((tmp_path / "trained" / "tokenizer.json").read_text())
+    spec["post_processor"] = None
+    old = tmp_path / "old" / "tokenizer.json"
+    old.parent.mkdir()
+    old.write_text(json.dumps(spec))
+    (tmp_path / "copy").mkdir()
+    copy_tokenizer_files([old, tmp_path / "trained" / "vocab.txt"], tmp_path / "copy")
+    assert tokenizers.Tokenizer.from_file(str(old)).encode("the cat").ids[0] != trained.cls_id  # really old
+    copied = tokenizers.Tokenizer.from_file(str(tmp_path / "copy" / "tokenizer.json"))
+    _assert_encodes_like(copied, _vocab_only_reference(tmp_path, tmp_path / "copy" / "vocab.txt"), texts, pairs)
+
+
 def test_cased_vocabulary_keeps_case(tmp_path):
     (tmp_path / "corpus.txt").write_text("\n\n".join(["Apple apple APPLE."] * 30) + "\n")
     data = prepare_corpus(tmp_path / "corpus.txt", tmp_path / "data", vocab_size=60, lowercase=False)

@@ -1,5 +1,6 @@
 """`fastbert finetune`: learns a rule from generated data, saves what transformers loads, rejects bad files."""
 import csv
+import math
 import json
 import random
 
@@ -207,10 +208,148 @@ def test_bad_options(tiny_checkpoint, tmp_path, capsys):
     assert "--seq-len 65 is longer" in finetune_error(capsys, *common[:-2], "--seq-len", "65")
     assert "--lr must be positive" in finetune_error(capsys, *common, "--lr", "0")
     assert "--epochs must be a positive integer" in finetune_error(capsys, *common, "--epochs", "0")
+    # device and precision are resolved by fastbert.device, as for pretrain
+    assert "device must be auto | cpu | cuda | cuda:N, got 'gpu0'" in finetune_error(capsys, *common, "--device", "gpu0")
     if not torch.cuda.is_available():
-        assert "fp16 needs a CUDA GPU" in finetune_error(capsys, *common, "--precision", "fp16")
+        assert "torch sees no CUDA device" in finetune_error(capsys, *common, "--device", "cuda")
 
 
 def test_read_examples_numbers_and_booleans_as_labels(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 3}, {"text": "b", "label": True}])
     assert [e.label for e in read_examples(path)] == ["3", "true"]
+
+
+# ---- the tokenizer adds [CLS]/[SEP] as BERT does --------------------------------------------------
+def _bert_reference(tmp_path, vocab_txt):
+    """transformers' BertTokenizerFast from the bare vocab.txt: BERT's own [CLS]/[SEP] rules."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "reference"
+    folder.mkdir(exist_ok=True)
+    (folder / "vocab.txt").write_bytes(vocab_txt.read_bytes())
+    return transformers.BertTokenizerFast.from_pretrained(str(folder))
+
+
+def test_tokenizer_json_without_post_processor_gets_cls_and_sep(tiny_checkpoint, tmp_path):
+    """An older `fastbert prepare` wrote "post_processor": null: finetune must still train on BERT's
+    inputs, and save a tokenizer.json that encodes them."""
+    import tokenizers
+
+    from fastbert.config import BertConfig
+    from fastbert.finetune import Example, encode, load_tokenizer
+
+    from_vocab = tokenizers.BertWordPieceTokenizer(str(tiny_checkpoint / "vocab.txt"), lowercase=True)
+    spec = json.loads(from_vocab.to_str())
+    spec["post_processor"] = None
+    (tiny_checkpoint / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    reference = _bert_reference(tmp_path, tiny_checkpoint / "vocab.txt")
+    examples = [Example("cat dog", "tree river", "yes", "t:1"), Example("red", "blue sun moon", "no", "t:2")]
+    data = encode(load_tokenizer(tiny_checkpoint, 16), examples, ["no", "yes"],
+                  BertConfig.from_pretrained(tiny_checkpoint))
+    want = reference([e.text for e in examples], [e.pair for e in examples])
+    assert data.ids == want["input_ids"] and data.type_ids == want["token_type_ids"]
+    single = load_tokenizer(tiny_checkpoint, 16).encode("the moon")
+    assert single.ids == reference("the moon")["input_ids"]
+
+    train = write_csv(tmp_path / "train.csv", generate(8, 1))
+    run_finetune(FinetuneConfig(model=str(tiny_checkpoint), train=str(train), eval=str(train), text_col="sentence",
+                                output=str(tmp_path / "out"), epochs=1, batch_size=8, seq_len=16, max_steps=1))
+    saved = tokenizers.Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    pair = saved.encode("cat dog", "tree")
+    assert pair.ids == reference("cat dog", "tree")["input_ids"]
+    assert pair.type_ids == reference("cat dog", "tree")["token_type_ids"]
+
+
+# ---- reading CSV / TSV ---------------------------------------------------------------------------
+def test_tsv_is_read_without_quote_processing(tmp_path):
+    """GLUE-style TSV: a text may start with a quote character; it must not swallow the next lines."""
+    rows = [f"word{i}\t{i % 2}" for i in range(16)]
+    rows[3] = '"a quote that never closes\t1'
+    rows[7] = '"quoted" at the start, "and" inside\t0'
+    path = tmp_path / "d.tsv"
+    path.write_text("text\tlabel\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    examples = read_examples(path)
+    assert len(examples) == 16
+    assert examples[3].text == '"a quote that never closes' and examples[3].label == "1"
+    assert examples[7].text == '"quoted" at the start, "and" inside' and examples[7].where.endswith("d.tsv:9")
+    assert [e.label for e in examples[8:]] == [str(i % 2) for i in range(8, 16)]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("d.tsv", "text\tlabel\na\t1\nan embedded\ttab\t0\n", "d.tsv:3: 3 tab-separated fields but the header has 2"),
+    ("d.tsv", "text\tlabel\na\t1\nno label\n", "d.tsv:3: 1 tab-separated fields"),
+    ("d.csv", "text,label\na,1\nb,c,0\n", "d.csv:3: 3 fields but the header has 2"),
+    ("d.csv", 'text,label\na,1\n"never closed,0\nb,1\n', "d.csv:4: malformed CSV"),
+    ("d.csv", "text,label\na,1\n  ,0\n", "d.csv:3: column 'text' is empty"),
+    ("d.jsonl", '{"text": "a", "label": 1}\n{"text": "", "label": 0}\n', "d.jsonl:2: column 'text' is empty"),
+])
+def test_rows_that_would_be_misread_are_refused_by_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        read_examples(path)
+
+
+def test_non_utf8_file_is_named(tiny_checkpoint, tmp_path, capsys):
+    train = write_csv(tmp_path / "train.csv", [{"text": "a b", "label": 0}, {"text": "c", "label": 1}])
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("text,label\ncafe,0\ncaf\u00e9,1\n".encode("latin-1"))
+    err = finetune_error(capsys, "--model", str(tiny_checkpoint), "--train", str(train), "--eval", str(latin1))
+    assert f"{latin1}:3: not UTF-8" in err
+    bom = tmp_path / "bom.csv"  # what spreadsheet programs write: the byte-order mark is not part of the header
+    bom.write_bytes("text,label\ncaf\u00e9,0\n".encode("utf-8-sig"))
+    assert read_examples(bom)[0].text == "caf\u00e9"
+
+
+# ---- one schedule, one set of defaults -------------------------------------------------------------
+def test_learning_rate_follows_the_pretrain_schedule(tiny_checkpoint, tmp_path, monkeypatch):
+    import fastbert.finetune as finetune_module
+    from fastbert.pretrain.schedule import lr_factor, warmup_steps
+
+    seen = []
+
+    def recording_optimizer(*args, **kwargs):
+        optimizer = build(*args, **kwargs)
+        optimizer.register_step_pre_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
+        return optimizer
+
+    build = finetune_module.build_optimizer
+    monkeypatch.setattr(finetune_module, "build_optimizer", recording_optimizer)
+    train = write_csv(tmp_path / "train.csv", generate(40, 1))
+    cfg = FinetuneConfig(model=str(tiny_checkpoint), train=str(train), eval=str(train), text_col="sentence",
+                         output=str(tmp_path / "out"), epochs=2, batch_size=8, seq_len=16, lr=1e-3, warmup_ratio=0.3)
+    run_finetune(cfg)
+    total = 10  # 2 epochs of 5 batches
+    warmup = warmup_steps(cfg.warmup_ratio, total)
+    assert seen == pytest.approx([cfg.lr * lr_factor(s, warmup=warmup, max_steps=total, schedule="linear")
+                                  for s in range(total)])
+
+
+def test_cli_defaults_are_the_config_defaults(monkeypatch):
+    import fastbert.finetune as finetune_module
+
+    captured = []
+    monkeypatch.setattr(finetune_module, "run_finetune", captured.append)
+    assert main(["finetune", "--model", "m", "--train", "t.csv", "--eval", "e.csv"]) == 0
+    assert captured[-1] == FinetuneConfig(model="m", train="t.csv", eval="e.csv")
+    assert main(["finetune", "--model", "m", "--train", "t.csv", "--eval", "e.csv", "--weight-decay", "0.1",
+                 "--warmup-ratio", "0.2", "--epochs", "5"]) == 0
+    assert captured[-1] == FinetuneConfig(model="m", train="t.csv", eval="e.csv", weight_decay=0.1,
+                                          warmup_ratio=0.2, epochs=5)
+
+
+def test_precision_follows_the_shared_rule(tiny_checkpoint, tmp_path, monkeypatch):
+    """fastbert.device decides for finetune as for pretrain: fp16 (with loss scaling) runs on the CPU too,
+    and auto picks fp32 there."""
+    import fastbert.finetune as finetune_module
+
+    picked = []
+    resolve = finetune_module.resolve_precision
+    monkeypatch.setattr(finetune_module, "resolve_precision", lambda *a: picked.append(resolve(*a)) or picked[-1])
+    train = write_csv(tmp_path / "train.csv", generate(16, 1))
+    for precision in ("fp16", "auto"):
+        result = run_finetune(FinetuneConfig(model=str(tiny_checkpoint), train=str(train), eval=str(train),
+                                             text_col="sentence", output=str(tmp_path / precision), epochs=1,
+                                             batch_size=8, seq_len=16, precision=precision, device="cpu"))
+        assert result.steps == 2 and all(math.isfinite(x) for x in result.train_loss)
+    assert [(p.name, p.device_type, p.grad_scaler() is not None) for p in picked] == [("fp16", "cpu", True),
+                                                                                       ("fp32", "cpu", False)]

@@ -370,3 +370,15 @@ def test_cpp_checks_its_inputs_too():
         ext.mask_tokens(ids, specials, 1, 10, 0.15, 0.8, 0.1, torch.ones((2, 2), dtype=torch.bool), 0)
     with pytest.raises(ValueError, match="special token id"):
         ext.mask_tokens(ids, torch.tensor([10]), 1, 10, 0.15, 0.8, 0.1, None, 0)
+
+
+@pytest.mark.parametrize("shape", [(0, 7), (3, 0), (0, 0)])
+@pytest.mark.parametrize("mask", [masking.mask_tokens, masking.mask_tokens_reference])
+def test_empty_batch_gives_empty_results_of_its_shape(mask, shape):
+    """B = 0 or L = 0 (an empty shard slice, a filtered-out batch): nothing to mask, the shape is kept."""
+    ids = torch.zeros(shape, dtype=torch.int64)
+    for starts in (None, torch.ones(shape, dtype=torch.bool)):
+        masked, labels = mask(ids, mask_token_id=1, vocab_size=10, special_token_ids=(0,), word_starts=starts, seed=3)
+        assert masked.shape == labels.shape == shape and masked.dtype == labels.dtype == torch.int64
+    with pytest.raises(ValueError, match="mlm_probability"):  # the arguments are still checked
+        mask(ids, mask_token_id=1, vocab_size=10, mlm_probability=2.0)

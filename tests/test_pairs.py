@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastbert.data import BertPairDataset, PretrainSampler, prepare_corpus
+from fastbert.data.pairs import eval_documents
 
 NUM_DOCUMENTS = 60
 SENTENCES_PER_DOCUMENT = 40
@@ -163,18 +164,33 @@ def test_eval_documents_are_never_used_for_training(corpus):
     data, origin = corpus
     train = BertPairDataset(data, MAX_SEQ_LEN, eval_fraction=0.1)
     evaluation = BertPairDataset(data, MAX_SEQ_LEN, eval_fraction=0.1, split="eval")
-    boundary = NUM_DOCUMENTS - round(0.1 * NUM_DOCUMENTS)
-    assert (train.first_document, train.end_document) == (0, boundary)
-    assert (evaluation.first_document, evaluation.end_document) == (boundary, NUM_DOCUMENTS)
+    held_out = set(evaluation.documents.tolist())
+    assert len(held_out) == round(0.1 * NUM_DOCUMENTS)
+    assert held_out.isdisjoint(train.documents.tolist())
+    assert held_out | set(train.documents.tolist()) == set(range(NUM_DOCUMENTS))
 
     def documents_used(dataset):
         return {origin[int(t)][0] for i in range(len(dataset)) for t in np.concatenate(segments(dataset[i], data))}
 
+    # Every token of every pair (A, B, random next sentences) comes from the split's own documents.
     used_by_train, used_by_eval = documents_used(train), documents_used(evaluation)
-    assert max(used_by_train) < boundary <= min(used_by_eval)
+    assert used_by_train.isdisjoint(held_out)
+    assert used_by_eval <= held_out
     assert len(used_by_eval) >= 2  # eval pairs take their random next from the eval documents
     # the default slice: about 1%, at least one document
     assert BertPairDataset(data, MAX_SEQ_LEN, split="eval").num_documents == 1
+
+
+def test_eval_documents_are_spread_over_the_corpus():
+    # The corpus order follows topics: a held-out tail would test the last topics only.
+    held_out = eval_documents(700, 0.05)
+    assert len(held_out) == 35 and len(set(held_out.tolist())) == 35
+    assert held_out.min() < 20 and held_out.max() > 680
+    assert set(np.diff(held_out).tolist()) == {20}
+    for num_documents, fraction, expected in ((2, 0.01, 1), (2, 0.99, 1), (3, 0.5, 2), (10, 0.3, 3)):
+        chosen = eval_documents(num_documents, fraction)
+        assert len(chosen) == expected and len(set(chosen.tolist())) == expected
+        assert 0 <= chosen.min() and chosen.max() < num_documents
 
 
 def test_bad_arguments(corpus, tmp_path):

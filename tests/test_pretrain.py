@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import re
 import socket
 
 import pytest
@@ -79,6 +80,11 @@ def test_exported_model_loads_in_transformers(tmp_path, data_dir):
     ours = fastbert.BertForPreTraining.from_pretrained(result.final_dir, strict=True)
     batch = tokenizer(["the old cat sees a dog near the river .", "a tall teacher ."], padding=True,
                       return_tensors="pt")
+    import tokenizers  # final/tokenizer.json itself adds [CLS]/[SEP] (and segment ids) as BERT does
+
+    saved = tokenizers.Tokenizer.from_file(str(result.final_dir / "tokenizer.json")).encode("the old cat", "a dog")
+    assert (saved.ids, saved.type_ids) == tuple(tokenizer("the old cat", "a dog")[k] for k in ("input_ids",
+                                                                                          "token_type_ids"))
     with torch.no_grad():
         a = ours(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         b = hf(**batch)
@@ -141,8 +147,6 @@ def test_refuses_unsafe_or_bad_runs(tmp_path, data_dir):
         pretrain(config(tmp_path, data_dir, max_steps=4, resume=True, model="bert-mini"))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         pretrain(config(tmp_path / "b", data_dir, seq_len=1024))
-    with pytest.raises(ValueError, match="fp16 needs a CUDA"):
-        pretrain(config(tmp_path / "c", data_dir, precision="fp16", device="cpu"))
     with pytest.raises(ValueError, match="--stop-at"):
         pretrain(config(tmp_path / "d", data_dir, stop_at=99))
 
@@ -154,6 +158,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert cli_main(["pretrain", "--corpus", str(empty), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("error:") == 2
+
+
+@pytest.mark.parametrize("warmup", ["nan", "inf", "-0.5"])
+def test_bad_warmup_is_a_clear_error(tmp_path, data_dir, capsys, warmup):
+    code = cli_main(["pretrain", "--model", "bert-tiny", "--warmup", warmup, "--data", str(data_dir), "--out",
+                     str(tmp_path / "o"), "--seq-len", "64", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(r"--warmup must be a (finite )?number >= 0", err) and "Traceback" not in err
 
 
 def _free_port():

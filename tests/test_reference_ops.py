@@ -77,6 +77,15 @@ def test_attention_dropout_is_unbiased_and_seeded():
      ValueError, "non-decreasing"),
     (lambda: ops.attention_varlen(*(torch.randn(5, 1, 4),) * 3, torch.tensor([0, 5], dtype=torch.int32), 4),
      ValueError, "max_seqlen"),
+    # an absurd max_seqlen would size a (batch, max_seqlen) grid: refused before anything is allocated
+    (lambda: ops.attention_varlen(*(torch.randn(5, 1, 4),) * 3, torch.tensor([0, 5], dtype=torch.int32), 2**40),
+     ValueError, "max_seqlen .* is larger than the number of tokens in q \\(5\\)"),
+    (lambda: ops.attention_varlen(*(torch.randn(5, 1, 4),) * 3, torch.tensor([0, 2, 5], dtype=torch.int32), 6),
+     ValueError, "larger than the number of tokens"),
+    *[(lambda scale=scale: ops.attention(*(torch.randn(1, 2, 1, 4),) * 3, softmax_scale=scale), ValueError,
+       "softmax_scale must be a finite positive float") for scale in (math.inf, -math.inf, math.nan, 0.0, -1.0)],
+    (lambda: ops.attention_varlen(*(torch.randn(5, 1, 4),) * 3, torch.tensor([0, 5], dtype=torch.int32), 5,
+                                  softmax_scale=math.inf), ValueError, "softmax_scale"),
 ])
 def test_attention_input_errors(call, error, message):
     with pytest.raises(error, match=message):

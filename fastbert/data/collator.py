@@ -1,8 +1,11 @@
 """MLMCollator: turns a list of tokenized examples into one masked pre-training batch, on the CPU.
 
 Use it as a DataLoader's ``collate_fn``. It pads (or packs) the examples, applies BERT's dynamic MLM
-masking through the C++ extension (:func:`fastbert.masking.mask_tokens`) and, when asked, computes the
-unpad metadata here, so the GPU step needs no ``nonzero()`` or ``.item()`` host sync.
+masking (the rule and generator of :func:`fastbert.masking.mask_tokens`: same seed, same masks) and,
+when asked, computes the unpad metadata here, so the GPU step needs no ``nonzero()`` or ``.item()``
+host sync. All of it is one C++ call (``fastbert._C.collate_mlm``) for the usual forms below (dicts,
+tuples, bare sequences of Python ints, integer numpy arrays or CPU tensors); other forms and bad
+examples take a Python path that gives the same batch or the error naming the example.
 
 Accepted examples (mixing forms in one batch is fine):
 
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from fastbert import masking
+from fastbert import _extension, masking
 from fastbert._validation import DtypeError
 from fastbert.data.packing import plan_packing
 from fastbert.ops.padding import unpad_metadata
@@ -161,6 +164,7 @@ class MLMCollator:
         self.is_continuation = is_continuation
         self.seed = seed
         self._calls = 0
+        self._special_ids = torch.tensor(self.special_token_ids, dtype=torch.int64)
 
     @classmethod
     def from_vocab(cls, vocab: str | os.PathLike | Sequence[str], **options: Any) -> "MLMCollator":
@@ -192,6 +196,27 @@ class MLMCollator:
         reproduces whatever the worker count."""
         if not isinstance(examples, Sequence) or isinstance(examples, (str, bytes)) or not examples:
             raise ValueError("MLMCollator needs a non-empty list of examples")
+        if seed is None:
+            seed = self._next_seed()
+        if seed is None:
+            seed = masking._seed_from_torch()
+        else:
+            seed = masking._check_int("seed", seed)
+        # One C++ call reads the examples in the usual forms, pads or packs, masks and builds the metadata.
+        # It returns the index of an example it does not read instead; the Python path below then reads
+        # it (an unusual form) or says what is wrong with it, with the same seed, so the same masks.
+        batch = _extension.load().collate_mlm(
+            examples if isinstance(examples, (list, tuple)) else list(examples), self.max_len,
+            self.pad_to_multiple_of, self.packing, self.return_unpad_metadata, self.pad_token_id,
+            self._special_ids, self.mask_token_id, self.vocab_size, float(self.mlm_probability),
+            float(self.mask_ratio), float(self.random_ratio),
+            self.is_continuation if self.whole_word_mask else None, seed % 2**64)
+        if isinstance(batch, dict):
+            return batch
+        return self._collate_in_python(examples, seed)
+
+    def _collate_in_python(self, examples: Sequence[Any], seed: int) -> dict[str, torch.Tensor | int]:
+        """The same batch as the C++ path, one example at a time: every form, and the clear errors."""
         ids, types, labels = [], [], []
         for index, example in enumerate(examples):
             input_ids, token_type_ids, label = _split_example(example, index)
@@ -239,7 +264,7 @@ class MLMCollator:
             input_ids, mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
             special_token_ids=self.special_token_ids, mlm_probability=self.mlm_probability,
             mask_ratio=self.mask_ratio, random_ratio=self.random_ratio, word_starts=word_starts,
-            seed=self._next_seed() if seed is None else seed,
+            seed=seed,
         )
         # The flat indices of the masked tokens, found here on the CPU so that the model's MLM gather needs
         # no device sync.

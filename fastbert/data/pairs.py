@@ -16,9 +16,10 @@ Instance ``i`` depends only on ``(seed, split, i)``: its start is the token at a
 choice comes from a generator seeded with ``(seed, split, i)``. There is no hidden state, so a
 resumed run (or another worker) rebuilds exactly the same examples.
 
-The eval split is the last ``eval_fraction`` of the documents (at least one, and at least one
-document is left for training); train examples never read an eval document, not even as a random
-next sentence, and eval examples never read a train one.
+The eval split is ``eval_fraction`` of the documents (at least one, and at least one document is
+left for training), spread evenly over the corpus (see :func:`eval_documents`) so that it samples
+every part of it rather than the last topics; train examples never read an eval document, not even
+as a random next sentence, and eval examples never read a train one.
 
 Edge rules (BERT leaves them open): a label-0 pair needs two sentences, so a one-sentence chunk grows
 by the next sentence (or the previous one at the document's end); a document of a single sentence
@@ -44,7 +45,8 @@ class BertPairDataset(torch.utils.data.Dataset):
     ``dataset[i]`` is a dict: ``input_ids`` (1-D int64 numpy array, ``[CLS] A [SEP] B [SEP]``, at
     most ``max_seq_len`` long), ``token_type_ids`` (int64, 0 for ``[CLS]`` A ``[SEP]``, 1 for B
     ``[SEP]``) and ``next_sentence_label`` (int: 0 = B follows A, 1 = B is random).
-    ``len(dataset)`` is about the split's tokens / ``max_seq_len`` (one epoch).
+    ``len(dataset)`` is about the split's tokens / ``max_seq_len`` (one epoch). ``documents``: the
+    split's document numbers (sorted int64 array).
     """
 
     def __init__(self, data_dir: str | os.PathLike | PreparedData, max_seq_len: int, *,
@@ -72,9 +74,11 @@ class BertPairDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.split = split
         self.eval_fraction = float(eval_fraction)
-        num_eval = min(num_documents - 1, max(1, round(eval_fraction * num_documents)))
-        boundary = num_documents - num_eval
-        self.first_document, self.end_document = (0, boundary) if split == "train" else (boundary, num_documents)
+        held_out = eval_documents(num_documents, eval_fraction)
+        if split == "eval":
+            self.documents = held_out
+        else:
+            self.documents = np.setdiff1d(np.arange(num_documents, dtype=np.int64), held_out)
         self._store = self.data.token_store()
         self._document_starts: np.ndarray | None = None  # token offset of each split document (+ total)
         self.num_tokens = int(self._starts()[-1])
@@ -82,7 +86,7 @@ class BertPairDataset(torch.utils.data.Dataset):
 
     @property
     def num_documents(self) -> int:
-        return self.end_document - self.first_document
+        return len(self.documents)
 
     def __len__(self) -> int:
         return self._length
@@ -95,7 +99,7 @@ class BertPairDataset(torch.utils.data.Dataset):
 
     def _starts(self) -> np.ndarray:
         if self._document_starts is None:
-            counts = self._store.document_token_counts()[self.first_document:self.end_document]
+            counts = self._store.document_token_counts()[self.documents]
             self._document_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         return self._document_starts
 
@@ -117,7 +121,7 @@ class BertPairDataset(torch.utils.data.Dataset):
         starts = self._starts()
         position = min(int((index + rng.random()) * self.num_tokens / self._length), self.num_tokens - 1)
         local_document = int(np.searchsorted(starts, position, side="right")) - 1
-        tokens, offsets = self._store.sentence_offsets(self.first_document + local_document)
+        tokens, offsets = self._store.sentence_offsets(int(self.documents[local_document]))
         num_sentences = len(offsets) - 1
         token_in_document = offsets[0] + position - starts[local_document]
         start = min(int(np.searchsorted(offsets, token_in_document, side="right")) - 1, num_sentences - 1)
@@ -159,9 +163,19 @@ class BertPairDataset(torch.utils.data.Dataset):
         if self.num_documents >= 2:
             other = int(rng.integers(0, self.num_documents - 1))
             other += other >= local_document  # any document but this one
-        tokens, offsets = self._store.sentence_offsets(self.first_document + other)
+        tokens, offsets = self._store.sentence_offsets(int(self.documents[other]))
         start = int(rng.integers(0, len(offsets) - 1))
         return tokens[offsets[start]:offsets[_chunk_end(offsets, start, target)]]
+
+
+def eval_documents(num_documents: int, eval_fraction: float) -> np.ndarray:
+    """The held-out document numbers (sorted int64): ``round(eval_fraction * num_documents)`` of them,
+    at least 1 and at most ``num_documents - 1``, evenly spaced (the middle document of each of that
+    many equal runs). The corpus order often follows topics (the built-in one is sorted by module), so a
+    tail slice would hold out a few topics only."""
+    num_eval = min(num_documents - 1, max(1, round(eval_fraction * num_documents)))
+    middles = (np.arange(num_eval, dtype=np.float64) + 0.5) * num_documents / num_eval
+    return np.floor(middles).astype(np.int64)
 
 
 def _probability(name: str, value: float) -> float:

@@ -10,7 +10,6 @@ written shard by shard.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import itertools
 import json
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+import tokenizers
 
 from fastbert._atomic import atomic_write_text
 from fastbert.data.corpus import Corpus, SourceLike
@@ -117,10 +117,14 @@ def prepare_corpus(corpus: Corpus | SourceLike | Sequence[SourceLike], out_dir: 
     (out_dir / IN_PROGRESS_FILE).write_text(fingerprint + "\n", encoding="utf-8")
 
     if tokenizer is None:
-        documents = corpus.documents()
-        if progress:
-            documents = _progress_bar(documents, "vocabulary")
-        sentences = (sentence for document in documents for sentence in document)
+        passes = iter(("characters", "vocabulary"))
+
+        def sentences() -> Iterator[str]:  # train_wordpiece reads the corpus twice, streamed each time
+            documents = corpus.documents()
+            if progress:
+                documents = _progress_bar(documents, next(passes, "vocabulary"))
+            return (sentence for document in documents for sentence in document)
+
         wordpiece = train_wordpiece(sentences, vocab_size=vocab_size, lowercase=True if lowercase is None else lowercase,
                                     min_frequency=min_frequency)
     else:
@@ -158,8 +162,9 @@ def prepare_corpus(corpus: Corpus | SourceLike | Sequence[SourceLike], out_dir: 
         "shard_tokens": shard_tokens,
         "shards": [shard.to_json() for shard in shards],
         "tokenizer_files": [path.name for path in tokenizer_files],
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # No time stamp: the same inputs, settings and versions give the same bytes (the versions are here).
         "python": sys.version.split()[0],
+        "tokenizers": tokenizers.__version__,
     }
     # Last, and atomically: from this moment the folder is a finished prepared folder.
     atomic_write_text(out_dir / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")

@@ -4,24 +4,30 @@
 Special-token ids. BERT's released vocabularies put ``[PAD]`` at 0, ``[UNK]`` ``[CLS]`` ``[SEP]``
 ``[MASK]`` at 100..103 (``[unused*]`` in between); a loaded vocabulary keeps its own ids. A vocabulary
 trained here puts the five special tokens first, in the order ``[PAD] [UNK] [CLS] [SEP] [MASK]``, so
-their ids are 0, 1, 2, 3, 4, followed by the alphabet and then the learned word pieces. Code should
-read the ids from :attr:`WordPieceTokenizer.special_ids`, never assume either layout.
+their ids are 0, 1, 2, 3, 4, followed by the alphabet, the "##" single characters and then the learned
+word pieces (the same corpus and settings always give the same vocabulary: see :func:`train_wordpiece`).
+Code should read the ids from :attr:`WordPieceTokenizer.special_ids`, never assume either layout.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import hashlib
+import itertools
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import tokenizers
-from tokenizers import BertWordPieceTokenizer
+from tokenizers import BertWordPieceTokenizer, processors
 
 from fastbert._atomic import atomic_write_text
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+CONTINUING_PREFIX = "##"  # WordPiece's mark of a piece inside a word
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DEFAULT_VOCAB_SIZE = 30522  # BERT's
 DEFAULT_MODEL_MAX_LENGTH = 512
@@ -86,12 +92,15 @@ class WordPieceTokenizer:
         return hashlib.sha256("\n".join(self.vocab_tokens()).encode("utf-8")).hexdigest()
 
     def save(self, out_dir: str | os.PathLike, *, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> list[Path]:
-        """Write ``vocab.txt``, ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``."""
+        """Write ``vocab.txt``, ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``.
+
+        The ``tokenizer.json`` carries BERT's template post-processor (see :func:`bert_post_processor`),
+        so whoever encodes with it (``tokenizers``, transformers, `fastbert finetune`) gets [CLS]/[SEP]."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         tokens = self.vocab_tokens()
         atomic_write_text(out_dir / "vocab.txt", "".join(f"{token}\n" for token in tokens))
-        atomic_write_text(out_dir / "tokenizer.json", self.tokenizer.to_str(pretty=True))
+        atomic_write_text(out_dir / "tokenizer.json", with_bert_post_processor(self.tokenizer).to_str(pretty=True))
         special_map = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
                        "cls_token": "[CLS]", "mask_token": "[MASK]"}
         config = {
@@ -108,19 +117,87 @@ class WordPieceTokenizer:
         return [out_dir / name for name in TOKENIZER_FILES]
 
 
-def train_wordpiece(sentences: Iterable[str], *, vocab_size: int = DEFAULT_VOCAB_SIZE, lowercase: bool = True,
-                    min_frequency: int = 2, limit_alphabet: int = 1000) -> WordPieceTokenizer:
+def train_wordpiece(sentences: Iterable[str] | Callable[[], Iterable[str]], *, vocab_size: int = DEFAULT_VOCAB_SIZE,
+                    lowercase: bool = True, min_frequency: int = 2, limit_alphabet: int = 1000) -> WordPieceTokenizer:
     """Learn a WordPiece vocabulary of at most ``vocab_size`` tokens (fewer on a small corpus) from
-    ``sentences``, streamed. Special tokens take ids 0..4 (see the module docstring)."""
+    ``sentences``. Special tokens take ids 0..4 (see the module docstring).
+
+    The result depends only on the sentences and the arguments (and the ``tokenizers`` version): two
+    runs give the same vocabulary in the same order, whatever the process or thread count.
+
+    sentences: read twice (a character pass, then training), so give a list, or a zero-argument
+    callable returning a fresh iterable each time (streamed; what ``fastbert prepare`` does). A
+    one-shot iterator is read into a list first.
+    """
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
         raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
     if vocab_size < len(SPECIAL_TOKENS) + 1:
         raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 1}, got {vocab_size}")
+    if callable(sentences):
+        read = sentences
+    else:
+        if iter(sentences) is sentences:
+            sentences = list(sentences)
+        read = functools.partial(iter, sentences)
     trainer = BertWordPieceTokenizer(lowercase=lowercase)
-    trainer.train_from_iterator(iter(sentences), vocab_size=vocab_size, min_frequency=min_frequency,
-                                limit_alphabet=limit_alphabet, special_tokens=list(SPECIAL_TOKENS),
-                                show_progress=False)
-    return WordPieceTokenizer(tokenizers.Tokenizer.from_str(trainer.to_str()), lowercase)
+    alphabet, continuing = _alphabet(trainer._tokenizer, read(), limit_alphabet)
+    # Deterministic training around the trainer's hash-map orders (huggingface/tokenizers issue 1794):
+    # it gives "##c" pieces ids in the (per-process random) order it meets words, breaks count ties
+    # between merges by id, and cuts the alphabet at `limit_alphabet` with ties in hash order. Here the
+    # alphabet is chosen beforehand (by count, then code point) and the "##c" pieces are handed in as
+    # extra special tokens in code-point order, so every id, hence every merge, is fixed.
+    continuing_pieces = [CONTINUING_PREFIX + c for c in continuing]
+    trainer.train_from_iterator(read(), vocab_size=vocab_size, min_frequency=min_frequency,
+                                limit_alphabet=len(alphabet), initial_alphabet=alphabet,
+                                special_tokens=[*SPECIAL_TOKENS, *continuing_pieces], show_progress=False,
+                                wordpieces_prefix=CONTINUING_PREFIX)
+    return WordPieceTokenizer(_canonical_tokenizer(trainer._tokenizer, alphabet, continuing_pieces), lowercase)
+
+
+def _alphabet(tokenizer: tokenizers.Tokenizer, sentences: Iterable[str], limit: int,
+              chunk: int = 4096) -> tuple[list[str], list[str]]:
+    """(the alphabet the trainer would keep: the ``limit`` most frequent characters of the normalized,
+    pre-tokenized words, ties by code point, in code-point order; the alphabet characters that occur
+    inside a word, after its first character, in code-point order)."""
+    counts: collections.Counter[str] = collections.Counter()
+    inside: set[str] = set()
+    normalizer, pre_tokenizer = tokenizer.normalizer, tokenizer.pre_tokenizer
+    for block in _chunks(sentences, chunk):
+        # Both steps act per character or split at whitespace, so one joined call per chunk gives the
+        # same words as one call per sentence, at a fraction of the Python overhead.
+        words = [word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(" ".join(block)))]
+        counts.update("".join(words))
+        inside.update("".join(word[1:] for word in words))
+    kept = sorted(counts, key=lambda c: (-counts[c], ord(c)))[:limit]
+    return sorted(kept, key=ord), sorted(inside.intersection(kept), key=ord)
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(items)
+    while block := list(itertools.islice(iterator, size)):
+        yield block
+
+
+def _canonical_tokenizer(trained: tokenizers.Tokenizer, alphabet: list[str],
+                         continuing_pieces: list[str]) -> tokenizers.Tokenizer:
+    """The trained tokenizer with ids ordered specials, alphabet, "##c" pieces, learned pieces (in merge
+    order), and only the five BERT special tokens left as added tokens."""
+    spec = json.loads(trained.to_str())
+    by_id = sorted(spec["model"]["vocab"].items(), key=lambda item: item[1])
+    tokens = [token for token, _ in by_id]
+    head = len(SPECIAL_TOKENS) + len(continuing_pieces)
+    if tokens[:head] != [*SPECIAL_TOKENS, *continuing_pieces] or sorted(tokens[head:head + len(alphabet)]) != \
+            sorted(alphabet):
+        raise RuntimeError(f"tokenizers {tokenizers.__version__} laid out its trained vocabulary in an unexpected "
+                           "order; fastbert cannot make it deterministic")
+    tokens = [*SPECIAL_TOKENS, *tokens[head:head + len(alphabet)], *continuing_pieces, *tokens[head + len(alphabet):]]
+    ids = {token: index for index, token in enumerate(tokens)}
+    spec["model"]["vocab"] = ids
+    added = [entry for entry in spec["added_tokens"] if entry["content"] in SPECIAL_TOKENS]
+    for entry in added:
+        entry["id"] = ids[entry["content"]]
+    spec["added_tokens"] = added
+    return tokenizers.Tokenizer.from_str(json.dumps(spec))
 
 
 def load_wordpiece(path: str | os.PathLike, *, lowercase: bool | None = None) -> WordPieceTokenizer:
@@ -183,3 +260,46 @@ def _load_tokenizer_json(path: Path, lowercase: bool | None) -> WordPieceTokeniz
                          "--lowercase/--cased option or use another tokenizer")
     resolved = file_lowercase if file_lowercase is not None else (lowercase if lowercase is not None else True)
     return WordPieceTokenizer(tokenizer, resolved)
+
+
+def bert_post_processor(cls_id: int, sep_id: int) -> processors.TemplateProcessing:
+    """BERT's input template: ``[CLS] A [SEP]``, and for a pair ``[CLS] A [SEP] B [SEP]`` with token type
+    0 up to the first [SEP] and 1 after it (what ``BertTokenizerFast`` produces)."""
+    return processors.TemplateProcessing(single="[CLS] $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+                                         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+
+
+def with_bert_post_processor(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """A copy of ``tokenizer`` that adds [CLS]/[SEP] as BERT does; ``tokenizer`` itself is not changed."""
+    ids = {token: tokenizer.token_to_id(token) for token in ("[CLS]", "[SEP]")}
+    missing = [token for token, index in ids.items() if index is None]
+    if missing:
+        raise ValueError(f"the vocabulary lacks {' and '.join(missing)}, which BERT puts around every input")
+    copy = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+    copy.post_processor = bert_post_processor(ids["[CLS]"], ids["[SEP]"])
+    return copy
+
+
+def copy_tokenizer_files(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
+    """Copy tokenizer files into ``out_dir``; a ``tokenizer.json`` without a post-processor (as
+    `fastbert prepare` wrote before it added one) gets BERT's, so the copy adds [CLS]/[SEP]."""
+    out_dir = Path(out_dir)
+    written = []
+    for path in map(Path, paths):
+        target = out_dir / path.name
+        if path.name == "tokenizer.json":
+            try:
+                tokenizer = tokenizers.Tokenizer.from_file(str(path))
+            except Exception as err:  # tokenizers raises a bare Exception on a malformed file
+                raise ValueError(f"{path} is not a valid tokenizer.json: {err}") from None
+            if tokenizer.post_processor is None:
+                try:
+                    tokenizer = with_bert_post_processor(tokenizer)
+                except ValueError as err:
+                    raise ValueError(f"{path}: {err}") from None
+                atomic_write_text(target, tokenizer.to_str(pretty=True))
+                written.append(target)
+                continue
+        shutil.copyfile(path, target)
+        written.append(target)
+    return written

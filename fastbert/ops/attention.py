@@ -59,8 +59,9 @@ def _kernels():
 def _check_scale(softmax_scale: float | None, head_dim: int) -> float:
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
-        raise ValueError(f"softmax_scale must be a positive float or None, got {softmax_scale!r}")
+    if (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+            or not 0 < softmax_scale < math.inf):  # inf would turn every score into inf - inf = NaN
+        raise ValueError(f"softmax_scale must be a finite positive float or None, got {softmax_scale!r}")
     return float(softmax_scale)
 
 
@@ -262,6 +263,11 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen: int, total_tokens: in
     # A SymInt when torch.compile treats max_seqlen as dynamic (it changes from batch to batch).
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+    # No sequence is longer than all the tokens together; a larger max_seqlen would only size the torch
+    # path's padded grid and the kernel's launch grid (2**40 would allocate or launch without end).
+    if max_seqlen > total_tokens:
+        raise ValueError(f"max_seqlen ({max_seqlen}) is larger than the number of tokens in q ({total_tokens}); "
+                         "pass the longest sequence length")
     # Value checks read the data (a graph break under torch.compile): skipped while compiling.
     if value_checks_cheap(cu_seqlens) and not torch.compiler.is_compiling():
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
@@ -307,9 +313,12 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     sequence lengths (``cu_seqlens[-1] == total_tokens``); max_seqlen: the longest length, a Python int
     (no device sync needed). Tokens attend only within their own sequence. Returns (total, heads, head_dim).
     Kernel limits, dropout and determinism as :func:`attention`; with the same seed and
-    ``max_seqlen`` equal to the padded length, both layouts draw the same dropout mask.
-    The values of ``cu_seqlens`` (start 0, non-decreasing, last == total, max length <= max_seqlen) are
+    ``max_seqlen`` equal to the padded length (allowed while it is at most ``total_tokens``), both
+    layouts draw the same dropout mask.
+    ``max_seqlen`` must not exceed ``total_tokens`` (always checked: it sizes allocations and the launch
+    grid). The values of ``cu_seqlens`` (start 0, non-decreasing, last == total, max length <= max_seqlen) are
     checked on CPU tensors, and on CUDA ones only under FASTBERT_DEBUG=1 (the check syncs the device).
+    ``softmax_scale`` must be finite and positive.
     """
     _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
     dropout_p = check_probability("dropout_p", dropout_p)

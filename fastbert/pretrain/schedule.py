@@ -1,13 +1,16 @@
 """Learning-rate schedules: linear warmup, then linear or polynomial decay to zero (BERT's recipe)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def warmup_steps(warmup: float, max_steps: int) -> int:
     """``warmup`` < 1 is a fraction of max_steps; >= 1 a number of steps."""
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not math.isfinite(warmup) or warmup < 0:
+        raise ValueError(f"--warmup must be a finite number >= 0 (a fraction of the steps below 1, else a number "
+                         f"of steps), got {warmup!r}")
     steps = int(round(warmup * max_steps)) if warmup < 1 else int(warmup)
     if steps > max_steps:
         raise ValueError(f"warmup ({steps} steps) is longer than the run ({max_steps} steps)")

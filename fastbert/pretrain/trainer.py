@@ -24,10 +24,13 @@ import torch
 
 from fastbert import backend
 from fastbert.config import BertConfig
+from fastbert.device import Precision, resolve_precision
 from fastbert.masking import IGNORE_INDEX
 from fastbert.modeling import BertForPreTraining
 from fastbert.pretrain import checkpoint as ckpt
 from fastbert.pretrain import distributed
+from fastbert.pretrain.interrupts import StopRequests
+from fastbert.pretrain.lock import FolderLock
 from fastbert.pretrain.flops import peak_tflops, training_flops
 from fastbert.pretrain.optim import build_optimizer
 from fastbert.pretrain.schedule import build_scheduler, warmup_steps
@@ -43,7 +46,9 @@ class PretrainConfig:
     batch_size: int = 32                     # per device, per micro-step
     grad_accum: int = 1
     seq_len: int = 128
-    lr: float | None = None                  # default: 2e-3 for LAMB, 5e-4 for AdamW (small models)
+    # default: 2e-2 for LAMB (measured best for bert-tiny at batch 32, docs/pretrain_sweep.md; large models
+    # and batches want their own), 5e-4 for AdamW
+    lr: float | None = None
     warmup: float = 0.06                     # < 1: fraction of max_steps; >= 1: steps
     schedule: str = "linear"                 # linear | poly
     optimizer: str = "lamb"                  # lamb | adamw
@@ -54,8 +59,10 @@ class PretrainConfig:
     log_every: int = 10
     save_every: int = 200
     keep: int = 3
-    eval_every: int = 200
-    eval_batches: int = 8
+    eval_every: int = 250
+    # 80 x 32 held-out pairs: the binomial standard error of NSP accuracy is <= 1 point (MLM: ~0.2).
+    eval_batches: int = 80
+    eval_fraction: float = 0.05              # documents held out for eval, never trained on
     resume: bool = False
     stop_at: int | None = None               # stop after this step (checkpointed), as if interrupted
     whole_word_mask: bool = False
@@ -86,12 +93,19 @@ class PretrainConfig:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.stop_at is not None and not 0 < self.stop_at <= self.max_steps:
             raise ValueError(f"--stop-at must be in [1, --max-steps={self.max_steps}], got {self.stop_at}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
-        if self.num_workers < 0 or self.eval_batches < 0 or self.clip < 0 or self.weight_decay < 0:
-            raise ValueError("--num-workers, --eval-batches, --clip and --weight-decay must be >= 0")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        # `not x >= 0` is also true for NaN, which would otherwise pass every comparison.
+        if not math.isfinite(self.warmup) or self.warmup < 0:
+            raise ValueError(f"--warmup must be a number >= 0, got {self.warmup}")
+        if not (self.clip >= 0 and self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"--clip and --weight-decay must be numbers >= 0, got {self.clip} and {self.weight_decay}")
+        if self.num_workers < 0 or self.eval_batches < 0:
+            raise ValueError("--num-workers and --eval-batches must be >= 0")
         if self.corpus and self.data:
             raise ValueError("give either --corpus (prepared on the fly) or --data (already prepared), not both")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
         if not 0 < self.mlm_probability < 1:
             raise ValueError(f"mlm probability must be in (0, 1), got {self.mlm_probability}")
 
@@ -104,24 +118,14 @@ class PretrainResult:
     losses: list[float] = field(default_factory=list)  # the loss of every logged step (rank-local)
     last_eval: dict[str, float] | None = None
     param_checksum: float = 0.0  # sum of all parameters (for checking ranks agree)
-    interrupted: bool = False
+    interrupted: bool = False  # stopped by Ctrl-C or a signal (not --stop-at)
+    signal: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped the run
 
 
 # ---------------------------------------------------------------------------------------------------
 def _log(info: distributed.DistInfo, message: str) -> None:
     if info.is_main:
         print(message, file=sys.stderr, flush=True)
-
-
-def _precision(requested: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None = fp32)."""
-    if requested == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return None
-    if requested == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[requested]
 
 
 def _seed_everything(seed: int) -> None:
@@ -218,6 +222,7 @@ def _loader(dataset, collate, cfg: PretrainConfig, sampler, device: torch.device
 
 
 MIN_LOSS_SCALE = 2.0**-16  # below this fp16 gradients underflow anyway: stop instead of training on nothing
+FP16_INIT_SCALE = 2.0**16  # GradScaler's usual start; tests raise it to force overflow skips
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label", "position_ids",
                "indices", "cu_seqlens", "max_seqlen", "masked_positions")
@@ -249,8 +254,12 @@ def evaluate(model: BertForPreTraining, batches: list[dict], device: torch.devic
         loss_sum += float(out.loss)
     model.train(was_training)
     n = max(len(batches), 1)
-    return {"eval_loss": loss_sum / n, "mlm_accuracy": correct_mlm / max(total_mlm, 1),
-            "nsp_accuracy": correct_nsp / max(total_nsp, 1)}
+    mlm, nsp = correct_mlm / max(total_mlm, 1), correct_nsp / max(total_nsp, 1)
+    # Binomial standard errors: how far another draw of held-out pairs could move each accuracy.
+    return {"eval_loss": loss_sum / n, "mlm_accuracy": mlm, "nsp_accuracy": nsp,
+            "mlm_accuracy_se": math.sqrt(mlm * (1 - mlm) / max(total_mlm, 1)),
+            "nsp_accuracy_se": math.sqrt(nsp * (1 - nsp) / max(total_nsp, 1)),
+            "eval_pairs": total_nsp, "eval_masked_tokens": total_mlm}
 
 
 class _Metrics:
@@ -281,7 +290,7 @@ class _Metrics:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.tb is not None:
+        if self.tb is not None and "step" in record:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record["step"])
@@ -314,26 +323,63 @@ def _check_resume_compatible(out: Path, config: BertConfig) -> None:
                          "use another --out or the same --model")
 
 
-def _save(out: Path, step: int, model, optimizer, scheduler, scaler, cfg: PretrainConfig,
-          info: distributed.DistInfo, samples_per_rank: int) -> None:
-    root = out / "checkpoints"
-    # Rank 0 makes the staging folder and every rank writes its RNG state into it.
-    staging = ckpt.staging_dir(root, step) if info.is_main else None
-    if info.distributed:
-        holder = [str(staging) if staging else None]
-        torch.distributed.broadcast_object_list(holder, src=0)
-        staging = Path(holder[0])
-    torch.save(ckpt.rng_state(), staging / ckpt.rng_file(info.rank))
-    distributed.barrier(info)
-    if info.is_main:
-        _unwrap(model).save_pretrained(staging)
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict() if scaler is not None else None,
-                 "samples_per_rank": samples_per_rank, "world_size": info.world_size,
-                 "pretrain_config": dataclasses.asdict(cfg)}
-        torch.save(state, staging / ckpt.TRAINER_STATE)
-        ckpt.publish(staging, root, step, cfg.keep)
-    distributed.barrier(info)
+def _check_same_vocabulary(resumed: ckpt.LoadedCheckpoint, data) -> None:
+    """Weights trained on one vocabulary are meaningless under another of the same size."""
+    saved = resumed.trainer_state.get("data") or {}
+    if saved.get("vocab_sha256") != data.vocab_sha256:
+        raise ValueError(f"{resumed.path} was trained on the vocabulary of {saved.get('dir', 'another data dir')}, "
+                         f"but {data.data_dir} has a different vocabulary: resume with the same --data, "
+                         "or start a new run in another --out")
+
+
+def _expected_shapes(cfg: PretrainConfig, config: BertConfig) -> ckpt.ExpectedShapes:
+    """The tensor shapes a checkpoint of this run holds, from a model built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = BertForPreTraining(config)
+    tied = set(model._tied_keys_now())
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
+    optimizer = build_optimizer(model, cfg.optimizer, 1.0, cfg.weight_decay)
+    indices = [i for group in optimizer.state_dict()["param_groups"] for i in group["params"]]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return ckpt.ExpectedShapes(model=shapes, optimizer={i: tuple(p.shape) for i, p in zip(indices, params)})
+
+
+def _weights_finite(model) -> bool:
+    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
+
+
+def _save(run: _Run, rng: dict[str, Any]) -> None:
+    """Write ``checkpoints/step_N`` (every rank its RNG state ``rng``); a failed write leaves no staging behind."""
+    info, step = run.info, run.step
+    root = run.out / "checkpoints"
+    staging = None
+    try:
+        # Rank 0 makes the staging folder and every rank writes its RNG state into it.
+        staging = ckpt.staging_dir(root, step) if info.is_main else None
+        if info.distributed:
+            holder = [str(staging) if staging else None]
+            torch.distributed.broadcast_object_list(holder, src=0)
+            staging = Path(holder[0])
+        ckpt.save_rng_state(rng, staging / ckpt.rng_file(info.rank))
+        distributed.barrier(info)
+        if info.is_main:
+            _unwrap(run.model).save_pretrained(staging)
+            scaler = run.scaler
+            state = {"step": step, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                     "scaler": scaler.state_dict() if scaler is not None else None,
+                     "skipped_steps": int(run.skipped_steps), "samples_per_rank": step * run.samples_per_step,
+                     "world_size": info.world_size, "pretrain_config": dataclasses.asdict(run.cfg),
+                     "data": {"dir": str(run.data.data_dir), "vocab_sha256": run.data.vocab_sha256}}
+            torch.save(state, staging / ckpt.TRAINER_STATE)
+            ckpt.write_manifest(staging, step)
+            ckpt.publish(staging, root, step, run.cfg.keep)
+        distributed.barrier(info)
+    except BaseException as err:
+        if info.is_main and staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise OSError(err.errno, f"cannot write checkpoint step_{step} ({err.strerror or err})", str(root)) from None
+        raise
 
 
 def _unwrap(model):
@@ -342,14 +388,22 @@ def _unwrap(model):
 
 
 def _export_final(out: Path, model, data) -> Path:
+    from fastbert.data.tokenizer import copy_tokenizer_files
+
     final = out / "final"
     staging = out / ".final-tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    _unwrap(model).save_pretrained(staging)
-    for path in data.tokenizer_files:  # full paths (relative to the working directory if the output is)
-        shutil.copy2(path, staging / Path(path).name)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
+    try:
+        _unwrap(model).save_pretrained(staging)
+        # Full paths (relative to the working directory if the output is); an old tokenizer.json gets [CLS]/[SEP].
+        copy_tokenizer_files(data.tokenizer_files, staging)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise OSError(err.errno, f"cannot write the final model ({err.strerror or err})", str(final)) from None
+        raise
     return final
 
 
@@ -362,28 +416,115 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         distributed.cleanup(info)
 
 
+@dataclass
+class _Run:
+    """Everything one training run carries from step to step (built by :func:`_set_up`)."""
+
+    cfg: PretrainConfig
+    info: distributed.DistInfo
+    out: Path
+    data: Any
+    config: BertConfig
+    model: BertForPreTraining          # the bare model: saved, evaluated, exported
+    train_model: torch.nn.Module       # what the step calls: the model, under DDP and/or torch.compile
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    precision: Precision
+    step: int
+    batches: Any                       # iterator over collated CPU batches
+    eval_batches: list[dict]
+    params: list[torch.nn.Parameter]
+    metrics: _Metrics
+    result: PretrainResult
+    stop: StopRequests
+    peak: float | None
+    skipped_steps: torch.Tensor        # fp16 steps the scaler skipped (on the device; read on log steps)
+    first_bad_step: torch.Tensor       # first step with a NaN/inf loss or grad norm, 0 = none (on the device)
+    window: _Window = field(default_factory=lambda: _Window())
+    phase: str = "between"             # "forward" (weights untouched yet) | "update" | "between" steps
+    torch_rng_before_step: dict[str, Any] | None = None
+    saved_step: int = 0                # the step of the newest checkpoint on disk
+    stop_agreed: bool = False          # DDP: every rank has seen the stop request (agreed on log steps)
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum
+
+
+@dataclass
+class _Window:
+    """Throughput since the last log line, counted from the CPU batches (the step never waits on the device)."""
+
+    tokens: int = 0
+    flops: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+    def restart(self) -> None:
+        self.tokens = 0
+        self.flops = 0.0
+        self.start = time.perf_counter()
+
+
+@dataclass
+class _StepOutput:
+    """One optimisation step's figures, still on the device (read only on log steps)."""
+
+    loss: torch.Tensor
+    mlm_loss: torch.Tensor
+    nsp_loss: torch.Tensor
+    grad_norm: torch.Tensor
+    accuracy: torch.Tensor          # (MLM, NSP) accuracy of the last micro-batch
+
+
 def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> PretrainResult:
-    os.environ["FASTBERT_BACKEND"] = cfg.backend
-    device = info.device
-    amp_dtype = _precision(cfg.precision, device)
+    out = _output_folder(cfg)
+    with contextlib.ExitStack() as stack:
+        if info.is_main:
+            stack.enter_context(FolderLock(out))
+        stack.enter_context(backend.use(cfg.backend))
+        stop = stack.enter_context(StopRequests())
+        run = _set_up(cfg, info, out, stop)
+        try:
+            while run.step < cfg.max_steps:
+                if _stop_requested(run):
+                    return _pause(run, interrupted=True)
+                output = _optimisation_step(run)
+                if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
+                    _log_window(run, output)
+                if run.eval_batches and (run.step % cfg.eval_every == 0 or run.step == cfg.max_steps):
+                    _eval(run)
+                if run.step == cfg.stop_at and run.step < cfg.max_steps:
+                    return _pause(run, interrupted=False)  # a planned pause
+                if run.step % cfg.save_every == 0 and run.step < cfg.max_steps:
+                    _checkpoint(run)
+        except KeyboardInterrupt:
+            return _pause(run, interrupted=True)
+        finally:
+            run.metrics.close()
+        return _finish(run)
+
+
+# --- set-up ----------------------------------------------------------------------------------------
+def _output_folder(cfg: PretrainConfig) -> Path:
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder (it will hold data/, checkpoints/, final/)")
     out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _set_up(cfg: PretrainConfig, info: distributed.DistInfo, out: Path, stop: StopRequests) -> _Run:
+    """Data, model, optimizer, the checkpoint to resume from, the batch streams; RNG restored last."""
+    device = info.device
+    precision = resolve_precision(cfg.precision, device)
     data = _data(cfg, out, info)
     config, start_from = _model_config(cfg, data)
-
-    resumed = None
-    if cfg.resume:
-        _check_resume_compatible(out, config)
-        resumed = ckpt.latest_valid(out / "checkpoints", lambda m: _log(info, f"warning: {m}"))
-        if resumed is None:
-            if (out / "checkpoints").is_dir() and ckpt.step_dirs(out / "checkpoints"):
-                raise ckpt.CheckpointError(f"no valid checkpoint under {out / 'checkpoints'}: all are corrupt")
-            _log(info, f"--resume: no checkpoint under {out / 'checkpoints'} yet, starting fresh")
-        elif resumed.trainer_state["world_size"] != info.world_size:
-            raise ValueError(f"{resumed.path} was written by {resumed.trainer_state['world_size']} processes; "
-                             f"resume it with the same number (got {info.world_size})")
-    elif ckpt.step_dirs(out / "checkpoints"):
-        raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+    resumed = _find_resume_point(cfg, info, out, config, data)
     if info.is_main:
         from fastbert._atomic import atomic_write_text
 
@@ -398,19 +539,19 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> PretrainResult
     else:
         model = BertForPreTraining(config)
     model.to(device).train()
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr or (2e-3 if cfg.optimizer == "lamb" else 5e-4),
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr or (2e-2 if cfg.optimizer == "lamb" else 5e-4),
                                 cfg.weight_decay)
     scheduler = build_scheduler(optimizer, warmup=warmup_steps(cfg.warmup, cfg.max_steps), max_steps=cfg.max_steps,
                                 schedule=cfg.schedule)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
-    step = 0
+    scaler = precision.grad_scaler(init_scale=FP16_INIT_SCALE)
+    step = skipped = 0
     if resumed is not None:
         state = resumed.trainer_state
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        step = state["step"]
+        step, skipped = state["step"], state.get("skipped_steps", 0)
         _log(info, f"resumed from {resumed.path} at step {step}")
     train_model = model
     if info.distributed:
@@ -419,126 +560,265 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> PretrainResult
     if cfg.compile:
         train_model = torch.compile(train_model)
 
+    train_set, batches = _train_batches(cfg, data, info, step)
+    eval_batches = _eval_batches(cfg, data, device)
+    if resumed is not None:
+        # Last thing before the loop, so that nothing in the set-up above shifts the dropout stream.
+        ckpt.set_rng_state(ckpt.load_rng_state(resumed.path / ckpt.rng_file(info.rank)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    metrics = _Metrics(out, info.is_main, cfg.progress, cfg.max_steps, step)
+    if resumed is not None:
+        # Rows after this one continue from step N; readers drop the older rows past N (a fallback re-runs them).
+        metrics.log({"resumed_from": step})
+    run = _Run(cfg=cfg, info=info, out=out, data=data, config=config, model=model, train_model=train_model,
+               optimizer=optimizer, scheduler=scheduler, scaler=scaler, precision=precision, step=step,
+               batches=batches, eval_batches=eval_batches, params=params, metrics=metrics,
+               result=PretrainResult(out=out, final_dir=None, steps_done=step), stop=stop,
+               peak=peak_tflops(device), skipped_steps=torch.tensor(skipped, dtype=torch.int64, device=device),
+               first_bad_step=torch.zeros((), dtype=torch.int64, device=device), saved_step=step)
+    _log(info, f"pre-training {cfg.model}: {sum(p.numel() for p in params) / 1e6:.1f} M parameters, "
+               f"{info.world_size} process(es) on {device}, precision {precision.name}, "
+               f"backend {cfg.backend}, {len(train_set):,} training pairs per epoch, output {out}")
+    return run
+
+
+def _find_resume_point(cfg: PretrainConfig, info: distributed.DistInfo, out: Path, config: BertConfig,
+                       data) -> ckpt.LoadedCheckpoint | None:
+    """The newest fully verified checkpoint under --resume (None: start fresh); newer corrupt ones are
+    moved aside. Without --resume, refuses a folder that already holds checkpoints."""
+    root = out / "checkpoints"
+    if info.is_main:
+        ckpt.remove_stale_staging(root)  # saves killed midway; we hold the folder's lock
+    if not cfg.resume:
+        if ckpt.step_dirs(root):
+            raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+        return None
+    _check_resume_compatible(out, config)
+    corrupt: list[Path] = []
+    resumed = ckpt.latest_valid(root, lambda m: _log(info, f"warning: {m}"), _expected_shapes(cfg, config), corrupt)
+    if resumed is None:
+        if ckpt.step_dirs(root):
+            raise ckpt.CheckpointError(f"no valid checkpoint under {root}: all are corrupt")
+        _log(info, f"--resume: no checkpoint under {root} yet, starting fresh")
+        return None
+    if resumed.trainer_state["world_size"] != info.world_size:
+        raise ValueError(f"{resumed.path} was written by {resumed.trainer_state['world_size']} processes; "
+                         f"resume it with the same number (got {info.world_size})")
+    _check_same_vocabulary(resumed, data)
+    distributed.barrier(info)  # every rank has chosen before rank 0 renames anything
+    if info.is_main:
+        for path in corrupt:
+            _log(info, f"moved the corrupt {path.name} aside to {ckpt.move_aside(path).name}")
+    return resumed
+
+
+def _train_batches(cfg: PretrainConfig, data, info: distributed.DistInfo, step: int):
+    """(the training pairs, an iterator over their collated batches from the sample after ``step``)."""
     from fastbert.data.pairs import BertPairDataset, PretrainSampler
 
     train_set = BertPairDataset(data.data_dir, cfg.seq_len, short_seq_prob=cfg.short_seq_prob, seed=cfg.seed,
-                                split="train")
-    collate = _SeededCollate(_collator(cfg, data, device), cfg.seed)
-    samples_per_step = cfg.batch_size * cfg.grad_accum
+                                split="train", eval_fraction=cfg.eval_fraction)
+    collate = _SeededCollate(_collator(cfg, data, info.device), cfg.seed)
     sampler = PretrainSampler(len(train_set), seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-                              start_index=step * samples_per_step)
-    batches = iter(_loader(train_set, collate, cfg, sampler, device, info.rank))
-    eval_batches = []
-    if cfg.eval_batches:
-        eval_set = BertPairDataset(data.data_dir, cfg.seq_len, short_seq_prob=cfg.short_seq_prob, seed=cfg.seed,
-                                   split="eval")
-        eval_collate = _SeededCollate(_collator(cfg, data, device), cfg.seed + 1)
-        n = min(len(eval_set), cfg.eval_batches * cfg.batch_size)
-        eval_batches = [eval_collate([(i, eval_set[i]) for i in range(s, min(s + cfg.batch_size, n))])
-                        for s in range(0, n, cfg.batch_size)]
+                              start_index=step * cfg.batch_size * cfg.grad_accum)
+    return train_set, iter(_loader(train_set, collate, cfg, sampler, info.device, info.rank))
 
-    if resumed is not None:
-        # Last thing before the loop, so that nothing in the set-up above shifts the dropout stream.
-        ckpt.set_rng_state(torch.load(resumed.path / ckpt.rng_file(info.rank), weights_only=False))
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    params = [p for p in model.parameters() if p.requires_grad]
-    peak = peak_tflops(device)
-    metrics = _Metrics(out, info.is_main, cfg.progress, cfg.max_steps, step)
-    result = PretrainResult(out=out, final_dir=None, steps_done=step)
-    _log(info, f"pre-training {cfg.model}: {sum(p.numel() for p in params) / 1e6:.1f} M parameters, "
-               f"{info.world_size} process(es) on {device}, precision {str(amp_dtype or 'fp32').replace('torch.', '')}, "
-               f"backend {cfg.backend}, {len(train_set):,} training pairs per epoch, output {out}")
 
-    # Counted from the CPU batches: the step itself never waits on the device (only log steps read it).
-    window_tokens = 0
-    window_flops = 0.0
-    window_start = time.perf_counter()
-    skipped_steps = 0
-    try:
-        while step < cfg.max_steps:
-            loss_sum = torch.zeros((), device=device)
-            mlm_sum = torch.zeros((), device=device)
-            nsp_sum = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                cpu_batch = next(batches)
-                window_tokens += int(cpu_batch["attention_mask"].sum())
-                if peak is not None:
-                    window_flops += training_flops(config, cpu_batch["attention_mask"],
-                                                   cpu_batch["masked_positions"].numel(), cpu_batch.get("cu_seqlens"))
-                batch = _to_device(cpu_batch, device)
-                # DDP: all-reduce gradients only on the last micro-step of an accumulation.
-                sync = contextlib.nullcontext() if (not info.distributed or micro == cfg.grad_accum - 1) \
-                    else train_model.no_sync()
-                with sync:
-                    with autocast():
-                        output = train_model(**batch)
-                    loss = output.loss / cfg.grad_accum
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                loss_sum += loss.detach()
-                mlm_sum += output.mlm_loss.detach() / cfg.grad_accum
-                nsp_sum += output.nsp_loss.detach() / cfg.grad_accum
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
-            if scaler is not None:
-                scale_before = scaler.get_scale()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            metrics.advance()
+def _eval_batches(cfg: PretrainConfig, data, device: torch.device) -> list[dict]:
+    """The held-out batches, collated once (fixed masks, so evals along the run are comparable).
 
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                totals = distributed.all_reduce_sum(torch.tensor([float(window_tokens), window_flops],
-                                                                 dtype=torch.float64, device=device), info).tolist()
-                elapsed = time.perf_counter() - window_start
-                record = {"step": step, "loss": float(loss_sum), "mlm_loss": float(mlm_sum), "nsp_loss": float(nsp_sum),
-                          "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                          "tokens_per_s": totals[0] / elapsed, "elapsed_s": elapsed}
-                if scaler is not None:
-                    if scaler.get_scale() < scale_before:
-                        skipped_steps += 1
-                    record["loss_scale"] = scaler.get_scale()
-                    record["skipped_steps"] = skipped_steps
-                    if record["loss_scale"] < MIN_LOSS_SCALE:
-                        # Every step overflows: the run is diverging, and fp16 can no longer represent it.
-                        raise FloatingPointError(
-                            f"the fp16 loss scale fell to {record['loss_scale']:.3g} at step {step} (gradients "
-                            "overflow on every step): lower --lr, raise --warmup, or use --precision bf16")
-                if peak is not None:
-                    record["mfu"] = totals[1] / elapsed / (peak * info.world_size * 1e12)
-                metrics.log(record)
-                result.losses.append(record["loss"])
-                window_tokens = 0
-                window_flops = 0.0
-                window_start = time.perf_counter()
-            if eval_batches and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                result.last_eval = evaluate(model, eval_batches, device, amp_dtype)
-                metrics.log({"step": step, **result.last_eval})
-                window_start = time.perf_counter()
-            if step == cfg.stop_at and step < cfg.max_steps:
-                raise KeyboardInterrupt  # a planned pause: same path as an interrupt
-            if step % cfg.save_every == 0 and step < cfg.max_steps:
-                _save(out, step, model, optimizer, scheduler, scaler, cfg, info, step * samples_per_step)
-                window_start = time.perf_counter()
-    except KeyboardInterrupt:
-        # Between steps the state is consistent: keep it, so --resume continues from here.
-        result.interrupted = step != cfg.stop_at
-        _log(info, f"\n{'interrupted' if result.interrupted else 'stopped (--stop-at)'} at step {step}: "
-                   "writing a checkpoint so that --resume continues from here")
-        if step > 0:
-            _save(out, step, model, optimizer, scheduler, scaler, cfg, info, step * samples_per_step)
-        metrics.close()
-        result.steps_done = step
-        return result
-    metrics.close()
-    _save(out, step, model, optimizer, scheduler, scaler, cfg, info, step * samples_per_step)
-    if info.is_main:
-        result.final_dir = _export_final(out, model, data)
-        _log(info, f"done: {step} steps; model + tokenizer in {result.final_dir}")
-    result.steps_done = step
-    result.param_checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
+    ``eval_batches * batch_size`` pairs. When the held-out documents hold fewer, further passes over
+    them draw new pairs (other starts, A/B cuts, random next sentences and masks), as BERT's
+    ``dupe_factor`` does for its training data."""
+    if not cfg.eval_batches:
+        return []
+    from fastbert.data.pairs import BertPairDataset
+
+    wanted = cfg.eval_batches * cfg.batch_size
+    pairs = []
+    for repeat in range(wanted):  # bounded: every pass adds at least one pair
+        eval_set = BertPairDataset(data.data_dir, cfg.seq_len, short_seq_prob=cfg.short_seq_prob,
+                                   seed=cfg.seed + 7_919 * repeat, split="eval", eval_fraction=cfg.eval_fraction)
+        pairs += [eval_set[i] for i in range(min(len(eval_set), wanted - len(pairs)))]
+        if len(pairs) == wanted:
+            break
+    eval_collate = _SeededCollate(_collator(cfg, data, device), cfg.seed + 1)
+    return [eval_collate(list(enumerate(pairs[s:s + cfg.batch_size], start=s)))
+            for s in range(0, len(pairs), cfg.batch_size)]
+
+
+# --- one optimisation step -------------------------------------------------------------------------
+def _optimisation_step(run: _Run) -> _StepOutput:
+    """grad_accum micro-batches forward + backward, clip, optimizer and scheduler step.
+
+    Nothing here waits on the device: the skip and divergence counters stay device tensors."""
+    cfg, info, device, scaler = run.cfg, run.info, run.device, run.scaler
+    # Taken before this step's dropout draws: an interrupt before the update checkpoints this state.
+    # (Only torch's generators: the step draws from no other, and NumPy's get_state costs ~0.1 ms.)
+    run.torch_rng_before_step = ckpt.torch_rng_state()
+    run.phase = "forward"
+    loss_sum = torch.zeros((), device=device)
+    mlm_sum = torch.zeros((), device=device)
+    nsp_sum = torch.zeros((), device=device)
+    for micro in range(cfg.grad_accum):
+        cpu_batch = next(run.batches)
+        run.window.tokens += int(cpu_batch["attention_mask"].sum())
+        if run.peak is not None:
+            run.window.flops += training_flops(run.config, cpu_batch["attention_mask"],
+                                               cpu_batch["masked_positions"].numel(), cpu_batch.get("cu_seqlens"))
+        batch = _to_device(cpu_batch, device)
+        # DDP: all-reduce gradients only on the last micro-step of an accumulation.
+        sync = contextlib.nullcontext() if (not info.distributed or micro == cfg.grad_accum - 1) \
+            else run.train_model.no_sync()
+        with sync:
+            with run.precision.autocast():
+                output = run.train_model(**batch)
+            loss = output.loss / cfg.grad_accum
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_sum += loss.detach()
+        mlm_sum += output.mlm_loss.detach() / cfg.grad_accum
+        nsp_sum += output.nsp_loss.detach() / cfg.grad_accum
+    run.phase = "update"
+    if scaler is not None:
+        scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.clip if cfg.clip > 0 else float("inf"))
+    if scaler is not None:
+        scaler.step(run.optimizer)
+        scaler.update()
+        # The scaler skips the update exactly when an unscaled gradient is inf/NaN, i.e. the norm is.
+        run.skipped_steps += ~torch.isfinite(grad_norm)
+    else:
+        run.optimizer.step()
+        bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+        run.first_bad_step.masked_fill_(bad & (run.first_bad_step == 0), run.step + 1)
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.phase = "between"
+    run.metrics.advance()
+    return _StepOutput(loss_sum, mlm_sum, nsp_sum, grad_norm, _batch_accuracy(output, batch))
+
+
+def _batch_accuracy(output, batch: dict[str, Any]) -> torch.Tensor:
+    """(MLM, NSP) accuracy of one training batch, on the device (no sync): the training curves."""
+    # The decoder's rows follow masked_positions (row-major labels != -100); indexing by it avoids the
+    # device sync of a boolean mask.
+    targets = batch["labels"].reshape(-1)[batch["masked_positions"]]
+    mlm = (output.prediction_logits.detach().argmax(-1) == targets).float().mean()
+    nsp = (output.seq_relationship_logits.detach().argmax(-1) == batch["next_sentence_label"]).float().mean()
+    return torch.stack([mlm, nsp])
+
+
+def _check_diverged(run: _Run) -> None:
+    """Stop on a NaN/inf loss or gradient norm (reads a device flag: log and save steps only)."""
+    bad = int(run.first_bad_step)
+    if bad:
+        raise FloatingPointError(
+            f"training diverged: the loss or gradient norm is NaN or infinite from step {bad} on; no checkpoint "
+            "after it is written: lower --lr, raise --warmup, or check --weight-decay and the data")
+
+
+# --- the log window --------------------------------------------------------------------------------
+def _log_window(run: _Run, output: _StepOutput) -> None:
+    """One metrics row: this step's losses, the window's throughput (all ranks), the fp16 loss scale."""
+    info, window, scaler = run.info, run.window, run.scaler
+    # The stop request rides along with the throughput sum: under DDP every rank stops at the same step.
+    totals = distributed.all_reduce_sum(torch.tensor([float(window.tokens), window.flops, float(run.stop.signal is not None)],
+                                                     dtype=torch.float64, device=run.device), info).tolist()
+    run.stop_agreed = totals[2] > 0
+    elapsed = time.perf_counter() - window.start
+    record = {"step": run.step, "loss": float(output.loss), "mlm_loss": float(output.mlm_loss),
+              "nsp_loss": float(output.nsp_loss), "lr": run.scheduler.get_last_lr()[0],
+              "grad_norm": float(output.grad_norm), "tokens_per_s": totals[0] / elapsed, "elapsed_s": elapsed}
+    record["mlm_accuracy_train"], record["nsp_accuracy_train"] = output.accuracy.tolist()
+    if scaler is not None:
+        record["loss_scale"] = scaler.get_scale()
+        record["skipped_steps"] = int(run.skipped_steps)
+    if run.peak is not None:
+        record["mfu"] = totals[1] / elapsed / (run.peak * info.world_size * 1e12)
+    run.metrics.log(record)
+    run.result.losses.append(record["loss"])
+    window.restart()
+    _check_diverged(run)
+    if scaler is not None and record["loss_scale"] < MIN_LOSS_SCALE:
+        # Every step overflows: the run is diverging, and fp16 can no longer represent it.
+        raise FloatingPointError(
+            f"the fp16 loss scale fell to {record['loss_scale']:.3g} at step {run.step} (gradients "
+            "overflow on every step): lower --lr, raise --warmup, or use --precision bf16")
+
+
+def _stop_requested(run: _Run) -> bool:
+    """A SIGINT/SIGTERM arrived: alone, stop after this step; under DDP, once all ranks agreed (log steps)."""
+    return run.stop_agreed if run.info.distributed else run.stop.signal is not None
+
+
+# --- eval ------------------------------------------------------------------------------------------
+def _eval(run: _Run) -> None:
+    """Held-out MLM/NSP accuracy (see :func:`evaluate`), logged as its own metrics row."""
+    run.result.last_eval = evaluate(run.model, run.eval_batches, run.device, run.precision.dtype)
+    run.metrics.log({"step": run.step, **run.result.last_eval})
+    run.window.start = time.perf_counter()  # eval time is not training throughput
+
+
+def _show(run: _Run) -> None:
+    """The end-of-run report: final held-out accuracy, masked-word examples and curves (OUT/showcase.txt,
+    OUT/curves.png)."""
+    from fastbert.data.pairs import eval_documents
+    from fastbert.pretrain import showcase
+
+    last = run.result.last_eval
+    if last is not None:
+        _log(run.info, f"held-out eval at step {run.step} ({last['eval_pairs']:,} pairs): MLM accuracy "
+                       f"{last['mlm_accuracy']:.1%} ± {last['mlm_accuracy_se']:.1%}, NSP accuracy "
+                       f"{last['nsp_accuracy']:.1%} ± {last['nsp_accuracy_se']:.1%}, loss {last['eval_loss']:.3f}")
+    held_out = eval_documents(run.data.num_documents, run.cfg.eval_fraction)
+    _log(run.info, showcase.write_showcase(run.out, run.model, run.data, held_out, max_seq_len=run.cfg.seq_len,
+                                           seed=run.cfg.seed, device=run.device).rstrip())
+
+
+# --- checkpoint ------------------------------------------------------------------------------------
+def _checkpoint(run: _Run, rng: dict[str, Any] | None = None) -> None:
+    """Save after step N (``rng``: the RNG state to store, by default the current one); never NaN weights."""
+    _check_diverged(run)
+    if not _weights_finite(run.model):
+        raise FloatingPointError(f"the weights hold NaN or inf after step {run.step}: not saved; "
+                                 "lower --lr or raise --warmup")
+    _save(run, rng if rng is not None else ckpt.rng_state())
+    run.saved_step = run.step
+    run.window.start = time.perf_counter()
+
+
+def _pause(run: _Run, interrupted: bool) -> PretrainResult:
+    """--stop-at, a signal or Ctrl-C: checkpoint a consistent state, so --resume continues exactly."""
+    result = run.result
+    result.interrupted = interrupted
+    result.signal = run.stop.name or ("SIGINT" if interrupted else None)  # a bare KeyboardInterrupt is Ctrl-C
+    what = f"{run.stop.name} received: stopped" if run.stop.signal is not None else \
+        "interrupted" if interrupted else "stopped (--stop-at)"
+    if run.phase == "update":
+        # Some weights may already hold the update of a step that is not counted: nothing consistent to save.
+        _log(run.info, f"\n{what} while updating the weights of step {run.step + 1}: no checkpoint written; "
+                       "--resume continues from the last one")
+    elif run.step > run.saved_step:
+        _log(run.info, f"\n{what} at step {run.step}: writing a checkpoint so that --resume continues from here")
+        # Mid-step (weights untouched yet) the state is that of the step's start, its RNG state included.
+        _checkpoint(run, {**ckpt.rng_state(), **run.torch_rng_before_step} if run.phase == "forward" else None)
+    elif run.step > 0:
+        _log(run.info, f"\n{what} at step {run.step}: --resume continues from the checkpoint of this step")
+    else:
+        _log(run.info, f"\n{what} before the first step: nothing to save")
+    result.steps_done = run.step
+    return result
+
+
+def _finish(run: _Run) -> PretrainResult:
+    """The last checkpoint, then model + tokenizer exported to OUT/final (finite weights only)."""
+    _checkpoint(run)
+    result = run.result
+    if run.info.is_main:
+        result.final_dir = _export_final(run.out, run.model, run.data)
+        _log(run.info, f"done: {run.step} steps; model + tokenizer in {result.final_dir}")
+        _show(run)
+    result.steps_done = run.step
+    result.param_checksum = float(sum(p.detach().double().sum() for p in run.model.parameters()))
     return result

@@ -1,0 +1,100 @@
+"""The end-of-run showcase (masked held-out words + curves) and the size of the held-out eval."""
+import json
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from fastbert.data import load_prepared
+from fastbert.data.pairs import eval_documents
+from fastbert.pretrain import showcase
+from fastbert.pretrain.trainer import pretrain
+
+from tests.test_pretrain import config, write_corpus
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from fastbert.data import prepare_corpus
+
+    root = tmp_path_factory.mktemp("showcase-data")
+    prepare_corpus([write_corpus(root / "corpus.txt")], root / "data", vocab_size=200)
+    return root / "data"
+
+EXAMPLE = re.compile(r"^(\d+)\. (.*)\n   ([✓ ]) true: (\S+)\s+top-3: (.*)$", re.MULTILINE)
+GUESS = re.compile(r"(\S+) \((\d+)%\)")
+
+
+def held_out_sentences(data_dir, fraction):
+    data = load_prepared(data_dir)
+    vocab = (data_dir / "vocab.txt").read_text().splitlines()
+    store = data.token_store()
+    return {showcase._detokenize([vocab[t] for t in sentence])
+            for d in eval_documents(data.num_documents, fraction).tolist() for sentence in store.document(d)}
+
+
+def test_run_ends_with_masked_words_and_curves(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    result = pretrain(config(out, data_dir, max_steps=30, eval_every=10, eval_batches=4, lr=1e-2))
+    text = (out / showcase.SHOWCASE_FILE).read_text()
+    assert text in capsys.readouterr().err  # printed as well as saved
+    examples = EXAMPLE.findall(text)
+    assert [int(e[0]) for e in examples] == [1, 2, 3, 4, 5, 6]
+    held_out = held_out_sentences(data_dir, 0.05)
+    assert len({sentence.replace("[MASK]", true_word) for _, sentence, _, true_word, _ in examples}) == 6
+    for _, sentence, mark, true_word, guesses in examples:
+        assert sentence.count("[MASK]") == 1
+        # The masked word is the true word of a sentence of a held-out document.
+        assert sentence.replace("[MASK]", true_word) in held_out
+        top3 = GUESS.findall(guesses)
+        assert len(top3) == 3 and len({w for w, _ in top3}) == 3
+        probabilities = [int(p) for _, p in top3]
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert (mark == "✓") == (top3[0][0] == true_word)
+    # Template text: after 30 steps the model guesses some words (the untrained one guesses none).
+    assert any(mark == "✓" for _, _, mark, _, _ in examples)
+    png = out / showcase.CURVES_FILE
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    # The training rows carry the accuracies the curves plot; the eval rows their standard errors.
+    train, evals = showcase.read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in train] == list(range(1, 31))
+    assert all(0 <= r["mlm_accuracy_train"] <= 1 and 0 <= r["nsp_accuracy_train"] <= 1 for r in train)
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert result.last_eval == {k: v for k, v in evals[-1].items() if k != "step"}
+
+
+def test_eval_draws_the_asked_pairs_from_held_out_documents_only(tmp_path, data_dir):
+    # 3 held-out documents hold fewer than 12 x 8 pairs of 64 tokens: further passes draw new ones.
+    result = pretrain(config(tmp_path, data_dir, max_steps=1, eval_every=1, eval_batches=12))
+    last = result.last_eval
+    assert last["eval_pairs"] == 12 * 8
+    assert last["nsp_accuracy_se"] == pytest.approx(np.sqrt(last["nsp_accuracy"] * (1 - last["nsp_accuracy"]) / 96))
+    assert last["mlm_accuracy_se"] < last["nsp_accuracy_se"]  # ~15% of ~60 tokens per pair are masked
+
+
+def test_read_metrics_keeps_the_last_run_after_a_resume(tmp_path):
+    rows = [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}, {"step": 2, "mlm_accuracy": 0.1},
+            {"step": 3, "loss": 3.5}, {"resumed_from": 2}, {"step": 3, "loss": 3.0}, {"step": 4, "loss": 2.0},
+            {"step": 4, "mlm_accuracy": 0.3}, {"step": 3, "loss": 9.0}]  # the last: a resume without its marker
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    train, evals = showcase.read_metrics(path)
+    assert [(r["step"], r["loss"]) for r in train] == [(1, 5.0), (2, 4.0), (3, 9.0)]
+    assert [(r["step"], r["mlm_accuracy"]) for r in evals] == [(2, 0.1), (4, 0.3)]
+
+
+def test_no_matplotlib_means_no_png_and_a_note(tmp_path, monkeypatch):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 5.0}) + "\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert showcase.plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png") is None
+    assert not (tmp_path / "curves.png").exists()
+
+
+def test_bad_arguments(data_dir):
+    data = load_prepared(data_dir)
+    vocab = (data_dir / "vocab.txt").read_text().splitlines()
+    with pytest.raises(ValueError, match="count"):
+        showcase.masked_word_examples(None, data, [0], vocab, count=0)
+    with pytest.raises(ValueError, match="held-out documents"):
+        showcase.masked_word_examples(None, data, [], vocab)
