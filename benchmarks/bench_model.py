@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .common import DTYPES, Row, hf_bert_config, peak_memory_mb, script_main, time_fn
+from fastbert.masking import IGNORE_INDEX
 
 MASK_RATE = 0.15
 
@@ -60,7 +61,7 @@ def make_batch(config, case: Case, device: str, seed: int = 0) -> dict[str, torc
         lengths = (beta_2_2 * l).long().clamp(8, l)
     mask = torch.arange(l)[None, :] < lengths[:, None]
     ids = torch.randint(1000, config.vocab_size, (b, l), generator=g) * mask
-    labels = torch.where((torch.rand(b, l, generator=g) < MASK_RATE) & mask, ids, torch.full_like(ids, -100))
+    labels = torch.where((torch.rand(b, l, generator=g) < MASK_RATE) & mask, ids, torch.full_like(ids, IGNORE_INDEX))
     token_types = ((torch.arange(l)[None, :] >= lengths[:, None] // 2) & mask).long()
     nsp = torch.randint(0, 2, (b,), generator=g)
     batch = dict(input_ids=ids, attention_mask=mask.long(), token_type_ids=token_types, labels=labels,
@@ -71,7 +72,7 @@ def make_batch(config, case: Case, device: str, seed: int = 0) -> dict[str, torc
 def model_flops(config, batch: dict[str, torch.Tensor]) -> float:
     from fastbert.pretrain.flops import training_flops
 
-    return training_flops(config, batch["attention_mask"], int((batch["labels"] != -100).sum()))
+    return training_flops(config, batch["attention_mask"], int((batch["labels"] != IGNORE_INDEX).sum()))
 
 
 def build(provider: str, config, device: str):
@@ -134,7 +135,7 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
             if not provider.startswith("hf_"):
                 # As fastbert's data path feeds it: masked positions found on the CPU, no device sync.
                 flat = batch["labels"].reshape(-1)
-                inputs = {**batch, "masked_positions": torch.nonzero(flat.cpu() != -100).flatten().to(device)}
+                inputs = {**batch, "masked_positions": torch.nonzero(flat.cpu() != IGNORE_INDEX).flatten().to(device)}
             step = _step_fn(model, ctx, loss_of, inputs, device, amp_dtype)
             step()  # first call: compilation / autotuning outside the timing
             timing = time_fn(step, device, quick=quick, rep_ms=None if quick else 1500)

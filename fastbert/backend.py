@@ -76,12 +76,10 @@ def triton_can_run_on(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda or (tensor.device.type == "cpu" and interpreter_enabled())
 
 
-def use_triton(op: str, tensor: torch.Tensor, *, has_kernel: bool = True, supported: bool = True,
-               unsupported_reason: str = "") -> bool:
-    """Decide whether ``op`` runs its Triton kernel on ``tensor``.
+def use_triton(op: str, tensor: torch.Tensor, *, supported: bool = True, unsupported_reason: str = "") -> bool:
+    """Decide whether ``op`` (an op with a Triton kernel) runs that kernel on ``tensor``.
 
-    ``has_kernel``: the op has a Triton implementation at all. ``supported``: this particular input
-    is within the kernel's limits (``unsupported_reason`` says why not). Under ``auto`` an unsupported
+    ``supported``: this particular input is within the kernel's limits (``unsupported_reason`` says why not). Under ``auto`` an unsupported
     input quietly takes the torch path; under ``triton`` it is an error naming the reason.
     """
     name = current()
@@ -89,9 +87,7 @@ def use_triton(op: str, tensor: torch.Tensor, *, has_kernel: bool = True, suppor
         return False
     if name == "auto":
         # Auto never uses the interpreter: it is a test tool, far too slow for real work.
-        return has_kernel and supported and tensor.is_cuda and triton_installed()
-    if not has_kernel:
-        raise BackendUnavailableError(f"FASTBERT_BACKEND=triton, but fastbert has no Triton kernel for {op!r}")
+        return supported and tensor.is_cuda and triton_installed()
     if not triton_installed():
         raise BackendUnavailableError("FASTBERT_BACKEND=triton, but triton is not installed (pip install triton)")
     if not triton_can_run_on(tensor):

@@ -66,7 +66,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     c = model.config
     print(f"model: {source}")
     print(f"       {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads, "
-          f"{model.num_parameters / 1e6:.1f} M parameters, device {device}, backend {fastbert.backend.current()}")
+          f"{model.num_parameters() / 1e6:.1f} M parameters, device {device}, backend {fastbert.backend.current()}")
 
     ids, mask, tokens = _tokenize(path, len(SENTENCES), c.vocab_size)
     if tokens is not None:

@@ -238,7 +238,7 @@ def label_set(examples: list[Example]) -> list[str]:
     return ordered
 
 
-def check_labels(examples: list[Example], labels: list[str], path: str) -> None:
+def check_labels(examples: list[Example], labels: list[str]) -> None:
     known = set(labels)
     for e in examples:
         if e.label not in known:
@@ -375,7 +375,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     train_examples = read_examples(cfg.train, cfg.text_col, cfg.text_pair_col, cfg.label_col)
     eval_examples = read_examples(cfg.eval, cfg.text_col, cfg.text_pair_col, cfg.label_col)
     labels = label_set(train_examples)
-    check_labels(eval_examples, labels, cfg.eval)
+    check_labels(eval_examples, labels)
 
     config = BertConfig.from_pretrained(model_dir)
     if cfg.seq_len > config.max_position_embeddings:

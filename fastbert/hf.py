@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from fastbert import modeling, ops
+from fastbert.masking import IGNORE_INDEX
 from fastbert.ops.attention import varlen_preferred
 
 ATTENTION_NAME = "fastbert"
@@ -323,7 +324,7 @@ def _labels_at_padding(labels: Any, mask: Any) -> bool:
     """Per-token labels (same shape as the mask) that a loss reads at padding positions."""
     if not (isinstance(labels, torch.Tensor) and isinstance(mask, torch.Tensor)) or labels.shape != mask.shape:
         return False
-    return bool(((labels != -100) & (mask.to(labels.device) == 0)).any())
+    return bool(((labels != IGNORE_INDEX) & (mask.to(labels.device) == 0)).any())
 
 
 def _wrap_head_forward(cls: type, family: _Family) -> bool:

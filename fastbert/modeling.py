@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from fastbert import ops, weights
 from fastbert._validation import DtypeError, check_tensor, value_checks_cheap
 from fastbert.config import BertConfig
+from fastbert.masking import IGNORE_INDEX
 from fastbert.ops.attention import varlen_preferred
 from fastbert.outputs import (
     BaseModelOutputWithPooling,
@@ -28,8 +29,6 @@ from fastbert.outputs import (
 )
 
 logger = logging.getLogger("fastbert")
-
-IGNORE_INDEX = -100
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -305,10 +304,16 @@ class BertPreTrainedModel(nn.Module):
             keys.append("cls.predictions.decoder.weight")
         return tuple(keys)
 
-    @property
-    def num_parameters(self) -> int:
-        """Unique parameters (tied ones counted once)."""
-        return sum(p.numel() for p in self.parameters())
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Number of parameters, tied ones counted once; a method with transformers' arguments.
+
+        ``only_trainable``: those with ``requires_grad``. ``exclude_embeddings``: without the
+        ``nn.Embedding`` weights (word, position, token type).
+        """
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings \
+            else set()
+        return sum(p.numel() for p in self.parameters()
+                   if id(p) not in embeddings and (p.requires_grad or not only_trainable))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, config: BertConfig | None = None,
@@ -626,7 +631,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
             return F.mse_loss(logits.float().view(-1), labels.float().view(-1))
         if problem == "single_label_classification":
             _check_labels("labels", labels, (batch,), self.num_labels, allow_ignore=True)
-            return F.cross_entropy(logits.float(), labels)
+            return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
         check_tensor("labels", labels)
         if tuple(labels.shape) != (batch, self.num_labels):
             raise ValueError(f"multi-label labels must have shape {(batch, self.num_labels)}, got {tuple(labels.shape)}")

@@ -26,6 +26,14 @@ def _fresh_seed():
 
 
 @pytest.fixture
+def triton_dispatch(monkeypatch):
+    """Every ``backend.use_triton`` decision made during the test, as (op, chosen)."""
+    from tests.spies import record_triton_decisions
+
+    return record_triton_decisions(monkeypatch)
+
+
+@pytest.fixture
 def poison_empty(monkeypatch):
     """Every float buffer from torch.empty starts as NaN: an element a kernel fails to write shows up."""
     real_empty = torch.empty

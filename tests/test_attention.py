@@ -13,6 +13,8 @@ import torch
 
 import fastbert
 from fastbert import backend, ops
+from tests.kernel_checks import check_against_reference
+from tests.spies import count_calls
 
 # The module, not the function of the same name that fastbert.ops exports.
 attention_module = importlib.import_module("fastbert.ops.attention")
@@ -38,16 +40,7 @@ def poisoned_buffers(poison_empty, monkeypatch):
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts launches of the Triton forward and backward (proof that no torch fallback ran)."""
-    calls = {"forward": 0, "backward": 0}
-    for name in calls:
-        original = getattr(fa, name)
-
-        def counted(*args, _original=original, _name=name, **kwargs):
-            calls[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(fa, name, counted)
-    return calls
+    return count_calls(monkeypatch, fa, ("forward", "backward"))
 
 
 def _qkv(shape, dtype, *, requires_grad=True):
@@ -66,32 +59,10 @@ def _grads(out, inputs, grad_out):
     return torch.autograd.grad(out, inputs, grad_out)
 
 
-def _assert_close_to_float64(name, got, same_precision, exact):
-    """flash-attention's check: |kernel - fp64| <= FACTOR * |torch same precision - fp64| + SLACK."""
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    kernel_err = (got.double() - exact).abs().max().item()
-    torch_err = (same_precision.double() - exact).abs().max().item()
-    bound = FACTOR * torch_err + SLACK_ULPS[got.dtype] * torch.finfo(got.dtype).eps * max(1.0, exact.abs().max().item())
-    assert kernel_err <= bound, f"{name}: kernel error {kernel_err:.3g} > {bound:.3g} (torch error {torch_err:.3g})"
-
-
 def _check_against_reference(run_kernel, run_reference, inputs, dtype):
     """Forward and dQ/dK/dV of the kernel vs float64, bounded by PyTorch's error at ``dtype``."""
-    with backend.use("triton"):
-        out = run_kernel(*inputs)
-    grad_out = torch.randn_like(out)
-    grads = _grads(out, inputs, grad_out)
-
-    exact_inputs = [x.detach().double().requires_grad_() for x in inputs]
-    exact = run_reference(*exact_inputs)
-    exact_grads = _grads(exact, exact_inputs, grad_out.double())
-    same_inputs = [x.detach().clone().requires_grad_() for x in inputs]
-    same = run_reference(*same_inputs)
-    same_grads = _grads(same, same_inputs, grad_out)
-
-    _assert_close_to_float64("out", out, same, exact)
-    for name, got, ref_same, ref_exact in zip(("dq", "dk", "dv"), grads, same_grads, exact_grads):
-        _assert_close_to_float64(name, got, ref_same, ref_exact)
+    check_against_reference(run_kernel, run_reference, inputs, torch.float64, factor=FACTOR,
+                            slack_ulps=SLACK_ULPS[dtype], min_scale=1.0)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -51,8 +51,6 @@ def test_auto_and_torch_never_pick_triton_for_cpu_tensors(monkeypatch):
 def test_forced_triton_explains_why_it_cannot_run(monkeypatch):
     x = torch.zeros(2)
     with backend.use("triton"):
-        with pytest.raises(backend.BackendUnavailableError, match="no Triton kernel for 'op'"):
-            backend.use_triton("op", x, has_kernel=False)
         if backend.triton_installed():
             monkeypatch.setenv("TRITON_INTERPRET", "0")
             with pytest.raises(backend.BackendUnavailableError, match="TRITON_INTERPRET=1"):

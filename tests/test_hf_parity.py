@@ -121,3 +121,19 @@ def test_state_dict_keys_are_transformers_keys():
         ours = set(getattr(fastbert, name)(config).state_dict())
         theirs = set(getattr(transformers, name)(transformers.BertConfig(**ODD)).state_dict())
         assert ours == theirs, (name, ours ^ theirs)
+
+
+@pytest.mark.parametrize("name", ["BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForSequenceClassification"])
+def test_num_parameters_is_the_transformers_method(name):
+    config = fastbert.BertConfig(**ODD)
+    ours = getattr(fastbert, name)(config)
+    theirs = getattr(transformers, name)(transformers.BertConfig(**ODD))
+    for model in (ours, theirs):  # a frozen parameter, for only_trainable
+        getattr(model, "bert", model).encoder.layer[0].output.dense.weight.requires_grad_(False)
+    counts = {}
+    for only_trainable in (False, True):
+        for exclude_embeddings in (False, True):
+            counts[only_trainable, exclude_embeddings] = ours.num_parameters(only_trainable, exclude_embeddings)
+            assert counts[only_trainable, exclude_embeddings] == theirs.num_parameters(
+                only_trainable=only_trainable, exclude_embeddings=exclude_embeddings), (only_trainable, exclude_embeddings)
+    assert len(set(counts.values())) == 4, counts  # each argument leaves something out

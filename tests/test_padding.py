@@ -81,3 +81,29 @@ def test_padding_errors_name_the_problem():
     if extension_built():
         with pytest.raises(ValueError, match="0 or 1"):
             ops.unpad_metadata(torch.tensor([[1, 2, 0]]))
+
+
+@pytest.mark.parametrize("path", ["extension", "reference"])
+@pytest.mark.parametrize("values", [[1, 2, 0], [1, -1, 0]])
+def test_both_paths_reject_mask_values_other_than_0_and_1(monkeypatch, path, values):
+    """The torch reference is what CUDA masks take: it must refuse a 2 as the C++ path does."""
+    if path == "extension" and not extension_built():
+        pytest.skip("fastbert._C is not built")
+    if path == "reference":
+        monkeypatch.setattr("fastbert._extension.is_available", lambda: False)
+    mask = torch.tensor([values, [1, 1, 0]])
+    with pytest.raises(ValueError, match="0 or 1"):
+        ops.unpad_metadata(mask)
+    with pytest.raises(ValueError, match="0 or 1"):
+        ops.unpad_input(torch.randn(2, 3, 4), mask)
+    # An empty batch has no values to check
+    assert ops.unpad_metadata(mask[:0])[2] == 0
+
+
+@pytest.mark.parametrize("bad", [5, -1])
+def test_out_of_range_indices_are_a_value_error(bad):
+    flat = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"indices must be in \[0, 5\)"):
+        ops.pad_input(flat, torch.tensor([0, bad, 2]), 1, 5)
+    with pytest.raises(ValueError, match=r"indices must be in \[0, 5\)"):
+        ops.gather_tokens(torch.randn(1, 5, 4), torch.tensor([0, bad, 2]))

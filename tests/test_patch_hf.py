@@ -7,6 +7,7 @@ import torch
 
 import fastbert
 from fastbert import hf, modeling
+from tests.spies import count_calls
 
 transformers = pytest.importorskip("transformers")
 
@@ -39,31 +40,7 @@ def ragged_batch(vocab, batch=4, seqlen=23, seed=0):
 @pytest.fixture
 def op_calls(monkeypatch):
     """Counts calls of the public fused ops (the fused modules reach them through ``fastbert.ops``)."""
-    counts = dict.fromkeys(FUSED_OPS, 0)
-    for name in FUSED_OPS:
-        original = getattr(fastbert.ops, name)
-
-        def counting(*args, _name=name, _original=original, **kwargs):
-            counts[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(fastbert.ops, name, counting)
-    return counts
-
-
-@pytest.fixture
-def triton_dispatch(monkeypatch):
-    """Records every ``backend.use_triton`` decision: proves the Triton path ran, not a silent fallback."""
-    decisions = []
-    original = fastbert.backend.use_triton
-
-    def recording(op, tensor, **kwargs):
-        chosen = original(op, tensor, **kwargs)
-        decisions.append((op, chosen))
-        return chosen
-
-    monkeypatch.setattr(fastbert.backend, "use_triton", recording)
-    return decisions
+    return count_calls(monkeypatch, fastbert.ops, FUSED_OPS)
 
 
 def hidden_of(model, ids, mask, types, **kwargs):

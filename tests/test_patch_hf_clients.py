@@ -8,6 +8,7 @@ import torch
 
 import fastbert
 from fastbert import hf
+from tests.spies import count_calls
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,30 +45,7 @@ def batch(seed=0, lengths=(23, 1, 11, 7), seqlen=23, left=False, vocab=ODD["voca
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    counts = dict.fromkeys(FUSED_OPS, 0)
-    for name in FUSED_OPS:
-        original = getattr(fastbert.ops, name)
-
-        def counting(*args, _name=name, _original=original, **kwargs):
-            counts[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(fastbert.ops, name, counting)
-    return counts
-
-
-@pytest.fixture
-def triton_ran(monkeypatch):
-    """Every ``backend.use_triton`` decision: proves the Triton path ran, not a silent fallback."""
-    decisions = []
-    original = fastbert.backend.use_triton
-
-    def recording(op, tensor, **kwargs):
-        decisions.append((op, original(op, tensor, **kwargs)))
-        return decisions[-1][1]
-
-    monkeypatch.setattr(fastbert.backend, "use_triton", recording)
-    return decisions
+    return count_calls(monkeypatch, fastbert.ops, FUSED_OPS)
 
 
 def close(a, b, tol=1e-5):
@@ -289,7 +267,7 @@ def test_bert_family_patches_with_same_parameters_and_numbers(cls_name, config_c
         assert close(b[mask.bool()], a[mask.bool()])
 
 
-def test_bert_family_on_the_triton_backend(triton_ran):
+def test_bert_family_on_the_triton_backend(triton_dispatch):
     plain = make("RobertaForSequenceClassification", config_cls="RobertaConfig", hidden_size=32, num_attention_heads=2,
                  intermediate_size=40, num_hidden_layers=1, max_position_embeddings=30, pad_token_id=1)
     patched = fastbert.patch_hf(copy.deepcopy(plain), unpad=True)
@@ -300,8 +278,8 @@ def test_bert_family_on_the_triton_backend(triton_ran):
     with torch.no_grad():
         a = plain(input_ids=ids, attention_mask=mask).logits
     assert close(b, a, 1e-4)
-    assert {"attention_varlen", "dropout_add_layer_norm", "bias_gelu"} <= {op for op, _ in triton_ran}
-    assert all(used for _, used in triton_ran), triton_ran
+    assert {"attention_varlen", "dropout_add_layer_norm", "bias_gelu"} <= {op for op, _ in triton_dispatch}
+    assert all(used for _, used in triton_dispatch), triton_dispatch
 
 
 def test_other_families_are_a_clear_type_error():
@@ -350,7 +328,7 @@ def test_sentence_transformers_encode_patched_matches(minilm_path, unpad, op_cal
     assert op_calls["attention_varlen" if unpad else "attention"] > 0
 
 
-def test_sentence_transformers_encode_on_the_triton_backend(minilm_path, op_calls, triton_ran):
+def test_sentence_transformers_encode_on_the_triton_backend(minilm_path, op_calls, triton_dispatch):
     st = pytest.importorskip("sentence_transformers")
     plain = st.SentenceTransformer(minilm_path, device="cpu")
     patched = st.SentenceTransformer(minilm_path, device="cpu")
@@ -361,7 +339,7 @@ def test_sentence_transformers_encode_on_the_triton_backend(minilm_path, op_call
         b = patched.encode(texts, convert_to_tensor=True)
     assert (a - b).abs().max() <= 1e-5
     assert op_calls["attention_varlen"] == 6  # MiniLM's six layers, unpadded
-    assert triton_ran and all(used for _, used in triton_ran), triton_ran
+    assert triton_dispatch and all(used for _, used in triton_dispatch), triton_dispatch
 
 
 def test_sentence_transformers_training_steps_match(minilm_path):

@@ -268,7 +268,7 @@ class MLMCollator:
         )
         # The flat indices of the masked tokens, found here on the CPU so that the model's MLM gather needs
         # no device sync.
-        masked_positions = torch.nonzero(mlm_labels.view(-1) != -100).flatten()
+        masked_positions = torch.nonzero(mlm_labels.view(-1) != masking.IGNORE_INDEX).flatten()
         batch: dict[str, torch.Tensor | int] = {"input_ids": masked_ids, "attention_mask": attention_mask,
                                                  "token_type_ids": token_type_ids, "labels": mlm_labels,
                                                  "masked_positions": masked_positions}

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from fastbert import _extension
-from fastbert._validation import check_mask_dtype, check_tensor
+from fastbert._validation import check_mask_dtype, check_tensor, value_checks_cheap
+
+BAD_MASK_VALUES = "attention_mask values must be 0 or 1 (1 = real token)"
 
 
 def _check_mask(attention_mask: torch.Tensor) -> None:
@@ -19,13 +21,22 @@ def _check_mask(attention_mask: torch.Tensor) -> None:
 
 
 def unpad_metadata_reference(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Torch reference of :func:`unpad_metadata` (works on any device)."""
+    """Torch reference of :func:`unpad_metadata` (works on any device).
+
+    Like the C++ path it rejects a mask value other than 0 and 1 (ValueError). On CUDA that check costs
+    no extra device sync: its flag comes back in the one device-to-host copy that ``max_seqlen`` needs.
+    """
     _check_mask(attention_mask)
     real = attention_mask != 0
     seqlens = real.sum(dim=1, dtype=torch.int32)
     indices = torch.nonzero(real.flatten(), as_tuple=False).flatten()
     cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
-    max_seqlen = int(seqlens.max().item()) if seqlens.numel() else 0
+    if not seqlens.numel():
+        return indices, cu_seqlens, 0
+    invalid = (real & (attention_mask != 1)).any()
+    max_seqlen, bad_values = torch.stack((seqlens.max().to(torch.int64), invalid.to(torch.int64))).tolist()
+    if bad_values:
+        raise ValueError(BAD_MASK_VALUES)
     return indices, cu_seqlens, max_seqlen
 
 
@@ -33,13 +44,17 @@ def unpad_metadata(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """``(indices, cu_seqlens, max_seqlen)`` of the real tokens of a (batch, seqlen) 0/1 mask.
 
     indices: int64 (total,) flat positions ``b * seqlen + t``; cu_seqlens: int32 (batch + 1,);
-    max_seqlen: Python int. CPU masks go through the C++ extension (no torch op overhead, which is what
-    the data loader wants); CUDA masks, or a build without the extension, use the torch reference.
+    max_seqlen: Python int. A mask value other than 0 and 1 is a ValueError on every device.
+
+    CPU masks go through the C++ extension: one pass over the mask for the metadata, after one torch
+    check of the values (a ValueError, not the extension's own RuntimeError), instead of the
+    reference's chain of ops; the data loader calls this on every batch. CUDA masks, or a build without
+    the extension, use the torch reference (see there for its sync-free value check).
     """
     _check_mask(attention_mask)
     if attention_mask.device.type == "cpu" and _extension.is_available():
         if attention_mask.numel() and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-            raise ValueError("attention_mask values must be 0 or 1 (1 = real token)")
+            raise ValueError(BAD_MASK_VALUES)
         indices, cu_seqlens, max_seqlen = _extension.load().unpad_metadata(attention_mask)
         return indices, cu_seqlens, int(max_seqlen)
     return unpad_metadata_reference(attention_mask)
@@ -100,6 +115,17 @@ def unpad_input(hidden: torch.Tensor, attention_mask: torch.Tensor
     return _GatherRows.apply(flat, indices), indices, cu_seqlens, max_seqlen
 
 
+def _check_indices_in_range(indices: torch.Tensor, num_rows: int) -> None:
+    """Indices must address one of ``num_rows`` token slots. Checked where reading them is free (CPU
+    tensors) or asked for (FASTBERT_DEBUG=1): on CUDA the check is a device sync. Not while compiling
+    (reading values would break the graph), as the attention ops' checks."""
+    if value_checks_cheap(indices) and indices.numel() and not torch.compiler.is_compiling():
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= num_rows:
+            raise ValueError(f"indices must be in [0, {num_rows}) (the batch's token slots), got values in "
+                             f"[{low}, {high}]")
+
+
 def gather_tokens(hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """The rows of ``hidden`` (batch, seqlen, ...) at flat positions ``indices`` → (total, ...), as
     :func:`unpad_input` does with metadata computed elsewhere (e.g. by the data loader). Differentiable."""
@@ -107,7 +133,9 @@ def gather_tokens(hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     check_tensor("indices", indices)
     if indices.dtype != torch.int64 or indices.dim() != 1:
         raise ValueError(f"indices must be 1-D int64, got {indices.dtype} of shape {tuple(indices.shape)}")
-    return _GatherRows.apply(hidden.reshape(-1, *hidden.shape[2:]), indices)
+    flat = hidden.reshape(-1, *hidden.shape[2:])
+    _check_indices_in_range(indices, flat.shape[0])
+    return _GatherRows.apply(flat, indices)
 
 
 def pad_input(hidden_unpadded: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
@@ -121,5 +149,6 @@ def pad_input(hidden_unpadded: torch.Tensor, indices: torch.Tensor, batch: int, 
         )
     if indices.dtype != torch.int64:
         raise ValueError(f"indices must be int64, got {indices.dtype}")
+    _check_indices_in_range(indices, batch * seqlen)
     out = _ScatterRows.apply(hidden_unpadded, indices, batch * seqlen)
     return out.view(batch, seqlen, *hidden_unpadded.shape[1:])

@@ -25,6 +25,7 @@ import torch
 from fastbert import backend
 from fastbert.config import BertConfig
 from fastbert.device import Precision, resolve_precision
+from fastbert.masking import IGNORE_INDEX
 from fastbert.modeling import BertForPreTraining
 from fastbert.pretrain import checkpoint as ckpt
 from fastbert.pretrain import distributed
@@ -245,7 +246,7 @@ def evaluate(model: BertForPreTraining, batches: list[dict], device: torch.devic
         with autocast:
             out = model(**batch)
         labels = batch["labels"]
-        targets = labels[labels != -100]
+        targets = labels[labels != IGNORE_INDEX]
         correct_mlm += int((out.prediction_logits.argmax(-1) == targets).sum())
         total_mlm += targets.numel()
         correct_nsp += int((out.seq_relationship_logits.argmax(-1) == batch["next_sentence_label"]).sum())

@@ -12,6 +12,8 @@ import torch
 
 import fastbert
 from fastbert import backend, ops
+from tests.kernel_checks import check_against_reference
+from tests.spies import count_calls
 
 pytestmark = pytest.mark.gpu
 
@@ -30,41 +32,11 @@ def fixed_config(monkeypatch):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    calls = {"forward": 0, "backward": 0}
-    for name in calls:
-        original = getattr(fa, name)
-
-        def counted(*args, _original=original, _name=name, **kwargs):
-            calls[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(fa, name, counted)
-    return calls
-
-
-def _assert_within(name, got, same_precision, exact):
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    kernel_err = (got.float() - exact).abs().max().item()
-    torch_err = (same_precision.float() - exact).abs().max().item()
-    bound = FACTOR * torch_err + torch.finfo(got.dtype).eps * max(1.0, exact.abs().max().item())
-    assert kernel_err <= bound, f"{name}: kernel error {kernel_err:.3g} > {bound:.3g} (torch error {torch_err:.3g})"
+    return count_calls(monkeypatch, fa, ("forward", "backward"))
 
 
 def _compare(run_kernel, run_reference, inputs):
-    with backend.use("triton"):
-        out = run_kernel(*inputs)
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, inputs, grad_out)
-    exact_in = [x.detach().float().requires_grad_() for x in inputs]
-    exact = run_reference(*exact_in)
-    exact_grads = torch.autograd.grad(exact, exact_in, grad_out.float())
-    same_in = [x.detach().clone().requires_grad_() for x in inputs]
-    same = run_reference(*same_in)
-    same_grads = torch.autograd.grad(same, same_in, grad_out)
-    _assert_within("out", out, same, exact)
-    for name, got, s, e in zip(("dq", "dk", "dv"), grads, same_grads, exact_grads):
-        _assert_within(name, got, s, e)
-    return out, grads, grad_out
+    return check_against_reference(run_kernel, run_reference, inputs, torch.float32, factor=FACTOR, min_scale=1.0)
 
 
 def _assert_same_up_to_rounding(got, want):

@@ -36,20 +36,6 @@ def batch(size=16, seqlen=256):
     return ids.cuda(), mask.cuda(), torch.randint(0, 2, (size,), generator=g).cuda()
 
 
-@pytest.fixture
-def triton_dispatch(monkeypatch):
-    decisions = []
-    original = fastbert.backend.use_triton
-
-    def recording(op, tensor, **kwargs):
-        chosen = original(op, tensor, **kwargs)
-        decisions.append((op, chosen))
-        return chosen
-
-    monkeypatch.setattr(fastbert.backend, "use_triton", recording)
-    return decisions
-
-
 def run_step(model, ids, mask, labels, autocast: bool):
     model.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):

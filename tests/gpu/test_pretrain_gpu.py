@@ -1,13 +1,29 @@
 """On a CUDA GPU: a short pre-training run in bf16 and in fp16 (GradScaler) with the fused kernels."""
+import importlib
 import json
+import math
 
 import pytest
 
+from tests.spies import count_calls
+
 pytestmark = pytest.mark.gpu
+
+# The kernel launchers a fused training step calls: (module in fastbert.kernels, forward launcher).
+FUSED_FORWARDS = [("flash_attention", "forward"), ("layer_norm", "layer_norm_fwd"), ("bias_gelu", "bias_gelu_fwd")]
+
+
+@pytest.fixture
+def kernel_launches(monkeypatch):
+    """Counts the forward launches of each fused kernel, by launcher name."""
+    counts = {}
+    for module_name, launcher in FUSED_FORWARDS:
+        count_calls(monkeypatch, importlib.import_module(f"fastbert.kernels.{module_name}"), (launcher,), counts)
+    return counts
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_short_run_on_gpu(tmp_path, precision):
+def test_short_run_on_gpu(tmp_path, precision, kernel_launches):
     from fastbert.data import prepare_corpus
     from fastbert.pretrain.trainer import PretrainConfig, pretrain
 
@@ -27,5 +43,11 @@ def test_short_run_on_gpu(tmp_path, precision):
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert all(r["tokens_per_s"] > 0 for r in steps)
+    assert all(kernel_launches[launcher] > 0 for _, launcher in FUSED_FORWARDS), kernel_launches
     if precision == "fp16":
-        assert all(r["loss_scale"] > 0 for r in steps) and "skipped_steps" in steps[-1]
+        # GradScaler ran: its scale starts at 2**16 and only halves, on an overflow, in a run this short
+        # (it grows after 2000 clean steps); each skipped step the trainer counts is one of those halvings.
+        scales = [r["loss_scale"] for r in steps]
+        assert all(0 < s <= 2.0**16 and math.log2(s).is_integer() for s in scales), scales
+        assert scales == sorted(scales, reverse=True), scales
+        assert 0 <= steps[-1]["skipped_steps"] <= round(math.log2(2.0**16 / scales[-1])), steps[-1]
