@@ -40,3 +40,13 @@ def check_against_reference(run_kernel, run_reference, inputs, ref_dtype, names=
     for name, got, ref_same, ref_exact in zip(names, grads, same_grads, exact_grads, strict=True):
         assert_error_within(name, got, ref_same, ref_exact, **within)
     return out, grads, grad_out
+
+
+def lengths_mask(lengths, seqlen, device):
+    """(B, seqlen) bool key-padding mask, right-padded: row b has ``lengths[b]`` real tokens."""
+    return torch.arange(seqlen, device=device)[None, :] < torch.as_tensor(lengths, device=device)[:, None]
+
+
+def cu_seqlens_of(lengths, device):
+    """int32 (B + 1,) cumulative sequence lengths, as the varlen layout takes them."""
+    return torch.tensor([0, *torch.as_tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)

@@ -13,7 +13,7 @@ import torch
 
 import fastbert
 from fastbert import backend, ops
-from tests.kernel_checks import check_against_reference
+from tests.kernel_checks import check_against_reference, cu_seqlens_of, lengths_mask
 from tests.spies import count_calls
 
 # The module, not the function of the same name that fastbert.ops exports.
@@ -48,11 +48,11 @@ def _qkv(shape, dtype, *, requires_grad=True):
 
 
 def _mask_from_lengths(lengths, seqlen):
-    return torch.arange(seqlen, device=DEVICE)[None, :] < torch.tensor(lengths, device=DEVICE)[:, None]
+    return lengths_mask(lengths, seqlen, DEVICE)
 
 
 def _cu_seqlens(lengths):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    return cu_seqlens_of(lengths, DEVICE)
 
 
 def _grads(out, inputs, grad_out):

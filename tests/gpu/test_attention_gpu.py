@@ -12,7 +12,7 @@ import torch
 
 import fastbert
 from fastbert import backend, ops
-from tests.kernel_checks import check_against_reference
+from tests.kernel_checks import check_against_reference, cu_seqlens_of, lengths_mask
 from tests.spies import count_calls
 
 pytestmark = pytest.mark.gpu
@@ -47,11 +47,11 @@ def _assert_same_up_to_rounding(got, want):
 
 
 def _lengths_mask(lengths, seqlen):
-    return torch.arange(seqlen, device="cuda")[None, :] < torch.as_tensor(lengths, device="cuda")[:, None]
+    return lengths_mask(lengths, seqlen, "cuda")
 
 
 def _cu_seqlens(lengths):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    return cu_seqlens_of(lengths, "cuda")
 
 
 def test_bf16_bert_base_random_lengths_vs_fp32_reference(kernel_calls):
