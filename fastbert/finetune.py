@@ -254,19 +254,9 @@ def load_tokenizer(model_dir: Path, seq_len: int):
     as BERT does, truncating to ``seq_len`` and not padding (batches are padded to their own longest
     example). A ``tokenizer.json`` without a post-processor (older `fastbert prepare` output) gets BERT's."""
     if (model_dir / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
+        from fastbert.data.tokenizer import read_bert_tokenizer
 
-        from fastbert.data.tokenizer import with_bert_post_processor
-
-        try:
-            tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        except Exception as err:  # a malformed file: say which, not a Rust trace
-            raise ValueError(f"cannot read {model_dir / 'tokenizer.json'}: {err}") from None
-        if tokenizer.post_processor is None:
-            try:
-                tokenizer = with_bert_post_processor(tokenizer)
-            except ValueError as err:
-                raise ValueError(f"{model_dir / 'tokenizer.json'}: {err}") from None
+        tokenizer, _ = read_bert_tokenizer(model_dir / "tokenizer.json")
     elif (model_dir / "vocab.txt").is_file():
         from tokenizers import BertWordPieceTokenizer
 

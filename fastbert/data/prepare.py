@@ -23,6 +23,7 @@ import numpy as np
 import tokenizers
 
 from fastbert._atomic import atomic_write_text
+from fastbert._hashing import file_sha256
 from fastbert.data.corpus import Corpus, SourceLike
 from fastbert.data.shards import SHARD_PATTERN, ShardInfo, ShardWriter, TokenStore, shard_file, token_dtype_for
 from fastbert.data.tokenizer import (
@@ -226,14 +227,6 @@ def _check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _tokenizer_recipe(tokenizer, vocab_size: int, lowercase: bool | None, min_frequency: int) -> dict:
     if tokenizer is None:
         _check_positive("vocab_size", vocab_size)
@@ -243,7 +236,7 @@ def _tokenizer_recipe(tokenizer, vocab_size: int, lowercase: bool | None, min_fr
     if not path.exists():
         raise FileNotFoundError(f"tokenizer not found: {tokenizer}")
     files = sorted(p for p in path.iterdir() if p.name in TOKENIZER_FILES) if path.is_dir() else [path]
-    return {"files": {p.name: _file_sha256(p) for p in files}, "lowercase": lowercase}
+    return {"files": {p.name: file_sha256(p) for p in files}, "lowercase": lowercase}
 
 
 def _owned_by_prepare(path: Path) -> bool:

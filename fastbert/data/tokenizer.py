@@ -280,6 +280,22 @@ def with_bert_post_processor(tokenizer: tokenizers.Tokenizer) -> tokenizers.Toke
     return copy
 
 
+def read_bert_tokenizer(path: str | os.PathLike) -> tuple[tokenizers.Tokenizer, bool]:
+    """Read a ``tokenizer.json``; one without a post-processor (as `fastbert prepare` wrote before it
+    added one) gets BERT's [CLS]/[SEP] template. Returns ``(tokenizer, added_the_template)``; a malformed
+    file or a vocabulary without [CLS]/[SEP] is a ValueError naming the file."""
+    try:
+        tokenizer = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception on a malformed file
+        raise ValueError(f"{path} is not a valid tokenizer.json: {err}") from None
+    if tokenizer.post_processor is not None:
+        return tokenizer, False
+    try:
+        return with_bert_post_processor(tokenizer), True
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
 def copy_tokenizer_files(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
     """Copy tokenizer files into ``out_dir``; a ``tokenizer.json`` without a post-processor (as
     `fastbert prepare` wrote before it added one) gets BERT's, so the copy adds [CLS]/[SEP]."""
@@ -288,15 +304,8 @@ def copy_tokenizer_files(paths: Iterable[str | os.PathLike], out_dir: str | os.P
     for path in map(Path, paths):
         target = out_dir / path.name
         if path.name == "tokenizer.json":
-            try:
-                tokenizer = tokenizers.Tokenizer.from_file(str(path))
-            except Exception as err:  # tokenizers raises a bare Exception on a malformed file
-                raise ValueError(f"{path} is not a valid tokenizer.json: {err}") from None
-            if tokenizer.post_processor is None:
-                try:
-                    tokenizer = with_bert_post_processor(tokenizer)
-                except ValueError as err:
-                    raise ValueError(f"{path}: {err}") from None
+            tokenizer, fixed = read_bert_tokenizer(path)
+            if fixed:
                 atomic_write_text(target, tokenizer.to_str(pretty=True))
                 written.append(target)
                 continue

@@ -11,7 +11,6 @@ reported, moved aside as ``step_N.corrupt`` (never counted by ``--keep``) and an
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -24,6 +23,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from fastbert._hashing import file_sha256
 
 TRAINER_STATE = "trainer_state.pt"
 MANIFEST = "manifest.json"
@@ -120,17 +121,9 @@ def remove_stale_staging(checkpoint_root: Path, keep: Path | None = None) -> Non
                 shutil.rmtree(stale, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(staging: Path, step: int) -> None:
     """Size and SHA-256 of every file in the folder; written last, so its presence means 'complete'."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(staging.iterdir()) if p.is_file() and p.name != MANIFEST}
     text = json.dumps({"format": MANIFEST_FORMAT, "step": step, "files": files}, indent=1)
     with open(staging / MANIFEST, "w", encoding="utf-8") as handle:
@@ -202,7 +195,7 @@ def _check_manifest(path: Path) -> dict[str, Any]:
         if file.stat().st_size != entry.get("bytes"):
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} has {file.stat().st_size} bytes, "
                                   f"{entry.get('bytes')} were written")
-        if _sha256(file) != entry.get("sha256"):
+        if file_sha256(file) != entry.get("sha256"):
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its checksum")
     return files
 
