@@ -166,6 +166,23 @@ def test_read_only_folder_is_one_line(tmp_path, data_dir, capsys):  # noqa: F811
     assert "Permission denied" in err and "Traceback" not in err and err.count("\n") == 1
 
 
+def test_unwritable_folder_is_one_line_even_as_root(tmp_path, data_dir, monkeypatch, capsys):  # noqa: F811
+    """The read-only case above cannot fail for root (CI runs as root): the same refusal, raised by
+    the OS call that creates the output folder."""
+    locked = tmp_path / "ro"
+    real_mkdir = os.mkdir
+
+    def refuse_under_locked(path, *args, **kwargs):
+        if str(path).startswith(str(locked)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refuse_under_locked)
+    assert cli_main(["pretrain", "--data", str(data_dir), "--out", str(locked / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Permission denied" in err and str(locked) in err and "Traceback" not in err and err.count("\n") == 1
+
+
 def test_full_disk_while_saving_is_one_line_and_cleans_up(tmp_path, data_dir, monkeypatch, capsys):  # noqa: F811
     real_save = torch.save
 
