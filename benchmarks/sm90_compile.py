@@ -35,14 +35,8 @@ from torch.overrides import TorchFunctionMode
 
 TARGET_ARCH = 90
 WARP_SIZE = 32
-# H200 (Hopper) per-SM limits, for the occupancy figure (CUDA occupancy rules for compute capability 9.0).
-REGS_PER_SM = 65536
-REG_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256
-SMEM_PER_SM = 228 * 1024
+# The largest shared memory one block may take on the H200 (the occupancy limits are kernels/_launch.py's HOPPER).
 SMEM_PER_BLOCK_MAX = 227 * 1024
-SMEM_RESERVED_PER_BLOCK = 1024  # the driver reserves 1 KB of shared memory per resident block
-MAX_WARPS_PER_SM = 64
-MAX_CTAS_PER_SM = 32
 SM_COUNT = 132  # what the launchers' per-SM program counts see
 
 KERNEL_MODULES = ("flash_attention", "layer_norm", "bias_gelu", "column_sum")
@@ -370,14 +364,11 @@ _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 def ctas_per_sm(registers: int, smem: int, num_warps: int) -> tuple[int, str]:
-    """Resident blocks per SM on the H200 and which resource bounds them."""
-    regs_per_warp = -(-max(registers, 1) * WARP_SIZE // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
-    limits = {
-        "regs": REGS_PER_SM // (regs_per_warp * num_warps),
-        "smem": SMEM_PER_SM // (smem + SMEM_RESERVED_PER_BLOCK),
-        "warps": MAX_WARPS_PER_SM // num_warps,
-        "ctas": MAX_CTAS_PER_SM,
-    }
+    """Resident blocks per SM on the H200 and which resource bounds them (0 when one alone does not fit:
+    the report shows it, where the launchers' own count stops at 1)."""
+    from fastbert.kernels._launch import occupancy_bounds  # the launchers' figures, one source
+
+    limits = occupancy_bounds(registers, smem, num_warps)
     bound = min(limits, key=lambda k: limits[k])
     return limits[bound], bound
 

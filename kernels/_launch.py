@@ -99,14 +99,23 @@ HOPPER = SMLimits()
 INTERPRETER_PROGRAMS = 4
 
 
-def ctas_per_sm(registers_per_thread: int, shared_bytes: int, num_warps: int, limits: SMLimits = HOPPER) -> int:
-    """CTAs of a kernel resident per SM: the tightest of the register, warp, shared-memory and CTA limits
-    (at least 1: a kernel that compiled runs)."""
+def occupancy_bounds(registers_per_thread: int, shared_bytes: int, num_warps: int,
+                     limits: SMLimits = HOPPER) -> dict[str, int]:
+    """CTAs of a kernel that each SM resource alone would let reside: ``regs``, ``smem``, ``warps``,
+    ``ctas`` (in that order, which breaks ties when the static report names the binding one)."""
     regs_per_warp = -(-max(1, registers_per_thread) * 32 // limits.register_granule) * limits.register_granule
-    by_registers = (limits.registers // regs_per_warp) // num_warps
-    by_warps = limits.max_warps // num_warps
-    by_shared = limits.shared_bytes // (shared_bytes + limits.shared_reserved_per_cta)
-    return max(1, min(by_registers, by_warps, by_shared, limits.max_ctas))
+    return {
+        "regs": (limits.registers // regs_per_warp) // num_warps,
+        "smem": limits.shared_bytes // (shared_bytes + limits.shared_reserved_per_cta),
+        "warps": limits.max_warps // num_warps,
+        "ctas": limits.max_ctas,
+    }
+
+
+def ctas_per_sm(registers_per_thread: int, shared_bytes: int, num_warps: int, limits: SMLimits = HOPPER) -> int:
+    """CTAs of a kernel resident per SM: the tightest of :func:`occupancy_bounds` (at least 1: a kernel
+    that compiled runs)."""
+    return max(1, min(occupancy_bounds(registers_per_thread, shared_bytes, num_warps, limits).values()))
 
 
 def occupancy_programs(registers_per_thread: int, shared_bytes: int, num_warps: int, sm_count: int,
