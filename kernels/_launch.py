@@ -126,19 +126,43 @@ def occupancy_programs(registers_per_thread: int, shared_bytes: int, num_warps: 
     return max(1, min(wave, work_items))
 
 
+def _variant_key(value) -> tuple:
+    """What of an argument can select another compiled variant: a tensor's dtype and 16-byte alignment,
+    an int's width and its 1 / divisible-by-16 specialisations, other values by type and value. A
+    superset of what Triton specialises on, so one key never covers two variants."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, value.data_ptr() % 16 == 0)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return ("int", -2**31 <= value < 2**31, value == 1, value % 16 == 0)
+    if isinstance(value, float):
+        return ("float",)
+    return (type(value).__name__, value)
+
+
+_RESOURCES: dict[tuple, tuple[int, int, int]] = {}
+
+
+def _compiled_resources(kernel, args: tuple, params: dict) -> tuple[int, int, int]:
+    """(registers per thread, shared bytes, warps) of ``kernel`` compiled for these arguments, read once
+    per variant: binding the arguments again on every backward call would cost host time per layer."""
+    key = (kernel, tuple(map(_variant_key, args)), tuple(sorted(params.items())))
+    if key not in _RESOURCES:
+        compiled = kernel.warmup(*args, grid=(1,), **params)
+        compiled._init_handles()  # loads the binary: this is what fills in n_regs
+        _RESOURCES[key] = (compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps)
+    return _RESOURCES[key]
+
+
 def programs_for(kernel, args: tuple, params: dict, device: torch.device, work_items: int) -> int:
     """:func:`occupancy_programs` of ``kernel`` compiled for these exact arguments (``params``: its
     constexprs plus num_warps/num_stages) on ``device``; :data:`INTERPRETER_PROGRAMS` under the interpreter.
 
-    The registers and shared memory come from the compiled kernel's metadata (compiling is cached, so
-    this costs one argument binding per call)."""
+    The registers and shared memory come from the compiled kernel's metadata, read once per compiled
+    variant (:func:`_compiled_resources`)."""
     if interpreted() or device.type != "cuda":
         return max(1, min(INTERPRETER_PROGRAMS, work_items))
-    compiled = kernel.warmup(*args, grid=(1,), **params)
-    compiled._init_handles()  # loads the binary: this is what fills in n_regs
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return occupancy_programs(compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps,
-                              _sm_count(index), work_items)
+    return occupancy_programs(*_compiled_resources(kernel, args, params), _sm_count(index), work_items)
 
 
 def sm_count(device: torch.device) -> int:

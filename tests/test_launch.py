@@ -42,6 +42,39 @@ def test_programs_for_falls_back_under_the_interpreter():
     assert launch.programs_for(None, (), {}, torch.device("cpu"), work_items=3) == 3
 
 
+def test_programs_for_reads_each_compiled_variant_once(monkeypatch):
+    """On a GPU the occupancy comes from the compiled kernel: read once per variant (dtype, alignment,
+    int specialisation, constexprs), not once per backward call, and a new variant is read anew."""
+    class CompiledStandIn:
+        def __init__(self, n_regs):
+            self.n_regs = n_regs
+            self.metadata = type("Metadata", (), {"shared": 0, "num_warps": 8})()
+
+        def _init_handles(self):
+            pass
+
+    class KernelStandIn:
+        warmups = 0
+
+        def warmup(self, *args, grid, **params):
+            KernelStandIn.warmups += 1
+            return CompiledStandIn(72 if args[0].dtype == torch.float32 else 128)
+
+    monkeypatch.setattr(launch, "interpreted", lambda: False)
+    monkeypatch.setattr(launch, "_sm_count", lambda index: 10)
+    monkeypatch.setattr(launch, "_RESOURCES", {})
+    kernel, cuda = KernelStandIn(), torch.device("cuda", 0)
+    x32, x16 = torch.empty(64), torch.empty(64, dtype=torch.float16)
+    params = {"BLOCK_M": 4, "num_warps": 8}
+    for rows in (768, 768, 770):
+        programs = launch.programs_for(kernel, (x32, rows), params, cuda, work_items=10**6)
+        assert programs == launch.occupancy_programs(72, 0, 8, sm_count=10, work_items=10**6) == 30
+    assert KernelStandIn.warmups == 2  # 768 (divisible by 16) and 770 are two variants; the repeat is cached
+    assert launch.programs_for(kernel, (x16, 768), params, cuda, work_items=10**6) == 20
+    assert launch.programs_for(kernel, (x32, 768), {**params, "BLOCK_M": 8}, cuda, work_items=5) == 5
+    assert KernelStandIn.warmups == 4
+
+
 def test_one_autotune_switch(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("FASTBERT_AUTOTUNE", raising=False)
