@@ -50,11 +50,11 @@ def _tokenize(model_dir: Path | None, batch_size: int, vocab_size: int):
 
 def run_demo(cfg: DemoConfig) -> dict:
     import fastbert
+    from fastbert.device import resolve_device
 
     name = cfg.model or _default_model()
     path = Path(name)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device)
     if path.is_dir():
         model = fastbert.BertModel.from_pretrained(path)
         source = f"checkpoint {path}"
