@@ -65,6 +65,7 @@ def test_loss_falls_and_logs_and_exports(tmp_path, data_dir):
     evals = [r for r in records if "mlm_accuracy" in r]
     assert evals and 0.0 <= evals[-1]["mlm_accuracy"] <= 1.0 and 0.0 <= evals[-1]["nsp_accuracy"] <= 1.0
     assert evals[-1]["mlm_accuracy"] > 0.1  # template text: far above chance (1/200) after 40 steps
+    assert 0.0 <= evals[-1]["mlm_accuracy_at_mask"] <= 1.0
     final = result.final_dir
     assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer.json"} <= {p.name for p in final.iterdir()}
     assert [p.name for _, p in ckpt.step_dirs(tmp_path / "checkpoints")] == ["step_40"]
@@ -244,3 +245,37 @@ def test_mfu_is_logged_against_the_peak(tmp_path, data_dir, monkeypatch):
     pretrain(config(tmp_path, data_dir, max_steps=2))
     records = [r for r in read_metrics(tmp_path) if "loss" in r]
     assert all(0 < r["mfu"] < 1 for r in records), records
+
+
+class _CopyOrOracle(torch.nn.Module):
+    """A stand-in model: at every MLM target it guesses its input token ("copy") or the label ("oracle")."""
+
+    def __init__(self, oracle: bool):
+        super().__init__()
+        self.oracle = oracle
+
+    def forward(self, input_ids, labels, next_sentence_label, **_):
+        from types import SimpleNamespace
+
+        vocab = 16
+        guesses = (labels if self.oracle else input_ids)[labels != -100]
+        return SimpleNamespace(prediction_logits=torch.nn.functional.one_hot(guesses, vocab).float(),
+                               seq_relationship_logits=torch.nn.functional.one_hot(next_sentence_label, 2).float(),
+                               loss=torch.zeros(()))
+
+
+def test_eval_separates_accuracy_at_mask_inputs_from_copyable_targets():
+    from fastbert.pretrain.trainer import evaluate
+
+    mask = 3
+    # Row 0: targets at positions 1 ([MASK]), 2 (kept: input == label) and 3 (random replacement).
+    # Row 1: two [MASK] targets, one kept.
+    input_ids = torch.tensor([[5, mask, 7, 9, 6], [5, mask, mask, 8, 6]])
+    labels = torch.tensor([[-100, 10, 7, 11, -100], [-100, 12, 13, 8, -100]])
+    batch = {"input_ids": input_ids, "labels": labels, "next_sentence_label": torch.tensor([0, 1])}
+    copy = evaluate(_CopyOrOracle(oracle=False), [batch], torch.device("cpu"), None, mask_token_id=mask)
+    # Copying the input is right at the 2 kept targets of 6, and at none of the 3 [MASK] inputs.
+    assert copy["mlm_accuracy"] == pytest.approx(2 / 6) and copy["mlm_accuracy_at_mask"] == 0.0
+    oracle = evaluate(_CopyOrOracle(oracle=True), [batch], torch.device("cpu"), None, mask_token_id=mask)
+    assert oracle["mlm_accuracy"] == 1.0 and oracle["mlm_accuracy_at_mask"] == 1.0
+    assert "mlm_accuracy_at_mask" not in evaluate(_CopyOrOracle(oracle=True), [batch], torch.device("cpu"), None)
