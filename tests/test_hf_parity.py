@@ -137,3 +137,43 @@ def test_num_parameters_is_the_transformers_method(name):
             assert counts[only_trainable, exclude_embeddings] == theirs.num_parameters(
                 only_trainable=only_trainable, exclude_embeddings=exclude_embeddings), (only_trainable, exclude_embeddings)
     assert len(set(counts.values())) == 4, counts  # each argument leaves something out
+
+
+def test_pretraining_steps_follow_transformers(tmp_path):
+    """Same init, batches and optimizer (the trainer's LAMB): fastbert's training losses are transformers'.
+
+    Forward parity alone would not catch a wrong gradient that still lets the loss fall (a plateau that
+    is a bug, not the model); the trajectory over several updates would drift apart."""
+    from fastbert.data import MLMCollator
+    from fastbert.pretrain.optim import build_optimizer
+
+    hf = hf_model("BertForPreTraining", tmp_path, **ODD).train()
+    ours = fastbert.BertForPreTraining.from_pretrained(tmp_path / "hf", strict=True).train()
+    collator = MLMCollator(vocab_size=ODD["vocab_size"], mask_token_id=4, pad_token_id=0, special_token_ids=(2, 3),
+                           max_len=ODD["max_position_embeddings"], mlm_probability=0.3)
+    g = torch.Generator().manual_seed(3)
+    optimizers = [build_optimizer(model, "lamb", 1e-2, 0.01) for model in (ours, hf)]
+    losses = []
+    for step in range(8):
+        lengths = torch.randint(8, ODD["max_position_embeddings"] - 1, (6,), generator=g)
+        examples = [{"input_ids": [2] + torch.randint(5, ODD["vocab_size"], (int(n),), generator=g).tolist() + [3],
+                     "token_type_ids": [0] * (int(n) // 2) + [1] * (int(n) + 2 - int(n) // 2),
+                     "next_sentence_label": int(n) % 2} for n in lengths]
+        batch = collator(examples, seed=step)
+        keys = ("input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label")
+        pair = []
+        for model, optimizer in zip((ours, hf), optimizers):
+            loss = model(**{k: batch[k] for k in keys if k in batch}).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            pair.append(loss.item())
+        losses.append(pair)
+    assert losses[-1][0] < losses[0][0]  # it trains at all
+    assert all(abs(a - b) < 1e-4 for a, b in losses), losses
+    # The weights after the updates: a wrong gradient anywhere moves some of them (the losses of a few
+    # small steps barely show it).
+    theirs = dict(hf.named_parameters())
+    drift = {name: (p - theirs[name]).abs().max().item() for name, p in ours.named_parameters()}
+    assert max(drift.values()) < 1e-5, sorted(drift.items(), key=lambda kv: -kv[1])[:3]
