@@ -363,21 +363,14 @@ _PTXAS_USED = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def ctas_per_sm(registers: int, smem: int, num_warps: int) -> tuple[int, str]:
-    """Resident blocks per SM on the H200 and which resource bounds them (0 when one alone does not fit:
-    the report shows it, where the launchers' own count stops at 1)."""
-    from fastbert.kernels._launch import occupancy_bounds  # the launchers' figures, one source
-
-    limits = occupancy_bounds(registers, smem, num_warps)
-    bound = min(limits, key=lambda k: limits[k])
-    return limits[bound], bound
-
-
 def _compile_one(launch: Launch, config, target, backend, memo: dict) -> KernelStats:
     import triton
     from triton import knobs
     from triton.compiler import ASTSource
     from triton.runtime.jit import create_function_from_signature
+
+    # The launchers' occupancy arithmetic (one source; imported here, in the child that compiles).
+    from fastbert.kernels._launch import binding_occupancy
 
     kernel = launch.kernel
     kwargs = dict(launch.kwargs)
@@ -412,7 +405,8 @@ def _compile_one(launch: Launch, config, target, backend, memo: dict) -> KernelS
     stats.spill_bytes = int(spill.group(1)) + int(spill.group(2)) if spill else None
     stats.smem_bytes = compiled.metadata.shared
     if stats.registers is not None:
-        stats.ctas_per_sm, stats.occupancy_limit = ctas_per_sm(stats.registers, stats.smem_bytes, stats.num_warps)
+        stats.ctas_per_sm, stats.occupancy_limit = binding_occupancy(stats.registers, stats.smem_bytes,
+                                                                     stats.num_warps)
     ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
     stats.wgmma_dots = len(re.findall(r"\bttng\.warp_group_dot\b", ttgir))
     stats.other_dots = len(re.findall(r"\btt\.dot\b", ttgir))

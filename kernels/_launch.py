@@ -112,10 +112,19 @@ def occupancy_bounds(registers_per_thread: int, shared_bytes: int, num_warps: in
     }
 
 
+def binding_occupancy(registers_per_thread: int, shared_bytes: int, num_warps: int,
+                      limits: SMLimits = HOPPER) -> tuple[int, str]:
+    """(CTAs resident per SM, the resource that bounds them): the tightest of :func:`occupancy_bounds`.
+    The count is 0 when that resource alone cannot hold one CTA (the static report shows it as is)."""
+    bounds = occupancy_bounds(registers_per_thread, shared_bytes, num_warps, limits)
+    resource = min(bounds, key=bounds.__getitem__)  # the first of equals, in occupancy_bounds' order
+    return bounds[resource], resource
+
+
 def ctas_per_sm(registers_per_thread: int, shared_bytes: int, num_warps: int, limits: SMLimits = HOPPER) -> int:
-    """CTAs of a kernel resident per SM: the tightest of :func:`occupancy_bounds` (at least 1: a kernel
-    that compiled runs)."""
-    return max(1, min(occupancy_bounds(registers_per_thread, shared_bytes, num_warps, limits).values()))
+    """CTAs of a kernel resident per SM, as a launcher sizes its grid: :func:`binding_occupancy`'s count,
+    at least 1 (a kernel that compiled runs)."""
+    return max(1, binding_occupancy(registers_per_thread, shared_bytes, num_warps, limits)[0])
 
 
 def occupancy_programs(registers_per_thread: int, shared_bytes: int, num_warps: int, sm_count: int,

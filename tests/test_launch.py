@@ -28,6 +28,18 @@ def test_ctas_per_sm_takes_the_tightest_limit(regs, smem, warps, expected):
     assert launch.ctas_per_sm(regs, smem, warps) == expected
 
 
+def test_binding_occupancy_names_the_resource_the_static_report_shows():
+    # 255 registers x 32 threads round up to 8192 per warp: two 4-warp blocks fill the 65536 registers.
+    assert launch.binding_occupancy(255, 0, 4) == (2, "regs")
+    # 64 KB + the 1 KB reserved per block: three blocks in 228 KB.
+    assert launch.binding_occupancy(64, 64 * 1024, 4) == (3, "smem")
+    assert launch.binding_occupancy(16, 0, 16) == (4, "warps")
+    assert launch.binding_occupancy(16, 0, 1) == (32, "ctas")
+    # Over the register file at 16 warps: the report says 0 where a launcher still counts 1.
+    assert launch.binding_occupancy(255, 0, 16) == (0, "regs")
+    assert launch.ctas_per_sm(255, 0, 16) == 1
+
+
 def test_occupancy_programs_is_one_wave_capped_by_the_work():
     assert launch.occupancy_programs(72, 0, 8, sm_count=132, work_items=10**6) == 3 * 132
     assert launch.occupancy_programs(72, 0, 8, sm_count=132, work_items=100) == 100

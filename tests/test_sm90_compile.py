@@ -41,15 +41,6 @@ def check(rows):
     assert ALL_KERNELS <= kernels, f"kernels never launched: {ALL_KERNELS - kernels}"
 
 
-def test_occupancy_arithmetic():
-    # 255 registers x 32 threads round up to 8192 per warp: two 4-warp blocks fill the 65536 registers.
-    assert sm90_compile.ctas_per_sm(255, 0, 4) == (2, "regs")
-    # 64 KB + the 1 KB reserved per block: three blocks in 228 KB.
-    assert sm90_compile.ctas_per_sm(64, 64 * 1024, 4) == (3, "smem")
-    assert sm90_compile.ctas_per_sm(16, 0, 16) == (4, "warps")
-    assert sm90_compile.ctas_per_sm(16, 0, 1) == (32, "ctas")
-
-
 @pytest.mark.parametrize("configs", ["_FWD_CONFIGS", "_BWD_DQ_CONFIGS", "_BWD_DKDV_CONFIGS"])
 def test_attention_autotuner_keeps_a_non_spilling_choice_at_every_head_dim(configs):
     import triton
