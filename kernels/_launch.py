@@ -38,11 +38,12 @@ def autotune_enabled() -> bool:
 
 
 def launch(kernel, tuned, grid: Callable[[dict], tuple], args: tuple, meta: dict, fixed: triton.Config) -> None:
-    """Run ``kernel`` through its autotuner ``tuned`` when autotuning is on, else with the ``fixed`` config.
+    """Run ``kernel`` through its autotuner ``tuned`` when autotuning is on, else with the ``fixed`` config
+    (always, when ``tuned`` is None: a launch with one measured configuration).
 
     ``grid`` maps the launch's meta-parameters (``meta`` plus the config's) to the grid, as Triton's
     autotuner expects."""
-    if autotune_enabled():
+    if tuned is not None and autotune_enabled():
         tuned[grid](*args, **meta)
         return
     params = {**meta, **fixed.kwargs}
