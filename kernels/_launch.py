@@ -38,11 +38,12 @@ def autotune_enabled() -> bool:
 
 
 def launch(kernel, tuned, grid: Callable[[dict], tuple], args: tuple, meta: dict, fixed: triton.Config) -> None:
-    """Run ``kernel`` through its autotuner ``tuned`` when autotuning is on, else with the ``fixed`` config.
+    """Run ``kernel`` through its autotuner ``tuned`` when autotuning is on, else with the ``fixed`` config
+    (always, when ``tuned`` is None: a launch with one measured configuration).
 
     ``grid`` maps the launch's meta-parameters (``meta`` plus the config's) to the grid, as Triton's
     autotuner expects."""
-    if autotune_enabled():
+    if tuned is not None and autotune_enabled():
         tuned[grid](*args, **meta)
         return
     params = {**meta, **fixed.kwargs}
@@ -112,10 +113,19 @@ def occupancy_bounds(registers_per_thread: int, shared_bytes: int, num_warps: in
     }
 
 
+def binding_occupancy(registers_per_thread: int, shared_bytes: int, num_warps: int,
+                      limits: SMLimits = HOPPER) -> tuple[int, str]:
+    """(CTAs resident per SM, the resource that bounds them): the tightest of :func:`occupancy_bounds`.
+    The count is 0 when that resource alone cannot hold one CTA (the static report shows it as is)."""
+    bounds = occupancy_bounds(registers_per_thread, shared_bytes, num_warps, limits)
+    resource = min(bounds, key=bounds.__getitem__)  # the first of equals, in occupancy_bounds' order
+    return bounds[resource], resource
+
+
 def ctas_per_sm(registers_per_thread: int, shared_bytes: int, num_warps: int, limits: SMLimits = HOPPER) -> int:
-    """CTAs of a kernel resident per SM: the tightest of :func:`occupancy_bounds` (at least 1: a kernel
-    that compiled runs)."""
-    return max(1, min(occupancy_bounds(registers_per_thread, shared_bytes, num_warps, limits).values()))
+    """CTAs of a kernel resident per SM, as a launcher sizes its grid: :func:`binding_occupancy`'s count,
+    at least 1 (a kernel that compiled runs)."""
+    return max(1, binding_occupancy(registers_per_thread, shared_bytes, num_warps, limits)[0])
 
 
 def occupancy_programs(registers_per_thread: int, shared_bytes: int, num_warps: int, sm_count: int,

@@ -348,12 +348,40 @@ _BWD_DKDV_CONFIGS = [
 ]
 
 
-# Without autotuning: small tiles that fit shared memory for every dtype and head dim (fp32 hd128 too).
-# The dK/dV kernel keeps two (BLOCK_N, head dim) fp32 accumulators: 32 x 64 tiles on 8 warps hold them
-# without spilling at every head dim (64 x 64 on 8 warps spills at 128; sm_90 static report).
+# Without autotuning (16-bit inputs): small tiles that fit shared memory at every head dim. The dK/dV
+# kernel keeps two (BLOCK_N, head dim) fp32 accumulators: 32 x 64 tiles on 8 warps hold them without
+# spilling at every head dim (64 x 64 on 8 warps spills at 128; sm_90 static report).
 _FIXED_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
 _FIXED_DKDV_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=3)
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+
+# fp32 inputs run full-precision ("ieee") dots, which lower to FMA, not wgmma: every thread holds its
+# operand rows over the whole reduction in registers, so the 16-bit tiles above spill (140 of the 168
+# fp32 rows of the 2026-12-01 sm_90 report, up to 142 KB), and ptxas spills erratically with the tile,
+# the exact head dim and the layout. fp32 (for accuracy, not speed) therefore runs one configuration
+# per (padded head dim BLOCK_D, dropout), autotuning or not, each measured spill-free at every head dim
+# of its block, in the padded, masked and varlen layouts (the full sm_90 sweep compiles them all).
+# {(BLOCK_D, dropout): (BLOCK_M, BLOCK_N, warps, stages)}
+_FP32_FWD = {
+    (16, False): (32, 64, 4, 1), (16, True): (32, 64, 4, 1),
+    (32, False): (32, 64, 8, 2), (32, True): (32, 64, 8, 2),
+    (64, False): (32, 64, 8, 1), (64, True): (32, 64, 8, 1),
+    (128, False): (32, 16, 8, 2), (128, True): (32, 16, 8, 2),
+}
+_FP32_BWD_DQ = {
+    (16, False): (32, 32, 8, 2), (16, True): (32, 32, 8, 2),
+    (32, False): (32, 64, 8, 2), (32, True): (32, 64, 8, 2),
+    (64, False): (32, 64, 8, 2), (64, True): (32, 64, 8, 2),
+    (128, False): (32, 16, 8, 2), (128, True): (32, 16, 8, 2),
+}
+# dK/dV also keeps two (BLOCK_N, head dim) fp32 accumulators: smaller tiles, and at BLOCK_D 128 one per
+# dropout setting (32 x 32 spills with dropout at head dims 80 and 96, 16 x 16 on 8 warps without it).
+_FP32_BWD_DKDV = {
+    (16, False): (32, 64, 8, 1), (16, True): (32, 64, 8, 1),
+    (32, False): (16, 32, 8, 1), (32, True): (16, 32, 8, 1),
+    (64, False): (16, 16, 4, 1), (64, True): (16, 16, 4, 1),
+    (128, False): (32, 32, 8, 1), (128, True): (16, 16, 8, 2),
+}
 
 
 def _prune_spilling(head_dim_limits: dict):
@@ -383,12 +411,21 @@ _bwd_dq_tuned = _tuned(_attention_bwd_dq_kernel, _BWD_DQ_CONFIGS)
 _bwd_dkdv_tuned = _tuned(_attention_bwd_dkdv_kernel, _BWD_DKDV_CONFIGS)
 
 
-def _launch(kernel, tuned, fixed: triton.Config, grid_rows: str, num_rows: int, batch_heads: int, args: tuple,
-            meta: dict) -> None:
+def fp32_config(table: dict, block_d: int, dropout: bool) -> triton.Config:
+    """The one configuration fp32 inputs run with (see ``_FP32_FWD``), autotuning or not."""
+    block_m, block_n, warps, stages = table[(block_d, dropout)]
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+def _launch(kernel, tuned, fixed: triton.Config, fp32_table: dict, grid_rows: str, num_rows: int,
+            batch_heads: int, args: tuple, meta: dict) -> None:
     """Run ``kernel`` on a (row blocks, batch * heads) grid; ``grid_rows`` names the block size that
     tiles the rows (BLOCK_M for query-block kernels, BLOCK_N for the key-block one); ``fixed``: the
-    configuration on a GPU without autotuning."""
-    fixed = _INTERPRETER_CONFIG if interpreted() else fixed
+    16-bit configuration on a GPU without autotuning; ``fp32_table``: the fp32 configurations."""
+    if interpreted():
+        fixed = _INTERPRETER_CONFIG
+    elif meta["DOT_PRECISION"] == "ieee":
+        tuned, fixed = None, fp32_config(fp32_table, meta["BLOCK_D"], meta["HAS_DROPOUT"])
     launch(kernel, tuned, lambda cfg: (triton.cdiv(num_rows, cfg[grid_rows]), batch_heads), args, meta, fixed)
 
 
@@ -461,7 +498,8 @@ class _Layout:
         return dict(
             HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, IS_VARLEN=self.is_varlen, HAS_MASK=self.has_mask,
             HAS_DROPOUT=dropout_p > 0.0,
-            # fp32 inputs are for tests: full-precision dots, not tf32, so they match an fp32 reference.
+            # fp32 inputs get full-precision dots, not tf32, so they match an fp32 reference (and run the
+            # fp32 configurations, see _launch).
             DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         )
 
@@ -499,7 +537,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_ma
         layout.num_heads, layout.seqlen,
         softmax_scale * LOG2_E, dropout_p, seed, layout.seqlen_bucket,
     )
-    _launch(_attention_fwd_kernel, _fwd_tuned, _FIXED_CONFIG, "BLOCK_M", layout.seqlen,
+    _launch(_attention_fwd_kernel, _fwd_tuned, _FIXED_CONFIG, _FP32_FWD, "BLOCK_M", layout.seqlen,
             layout.batch * layout.num_heads, args, layout.meta(q.dtype, dropout_p))
     return out, lse
 
@@ -531,12 +569,13 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out), *layout.strides(dout),
         *layout.strides(dq), *common,
     )
-    _launch(_attention_bwd_dq_kernel, _bwd_dq_tuned, _FIXED_CONFIG, "BLOCK_M", layout.seqlen, batch_heads, dq_args, meta)
+    _launch(_attention_bwd_dq_kernel, _bwd_dq_tuned, _FIXED_CONFIG, _FP32_BWD_DQ, "BLOCK_M", layout.seqlen,
+            batch_heads, dq_args, meta)
     dkdv_args = (
         q, k, v, dout, dk, dv, lse, delta, layout.keep, layout.spans, layout.cu_seqlens,
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(dout),
         *layout.strides(dk), *layout.strides(dv), *common,
     )
-    _launch(_attention_bwd_dkdv_kernel, _bwd_dkdv_tuned, _FIXED_DKDV_CONFIG, "BLOCK_N", layout.seqlen, batch_heads,
-            dkdv_args, meta)
+    _launch(_attention_bwd_dkdv_kernel, _bwd_dkdv_tuned, _FIXED_DKDV_CONFIG, _FP32_BWD_DKDV, "BLOCK_N",
+            layout.seqlen, batch_heads, dkdv_args, meta)
     return dq, dk, dv

@@ -278,6 +278,42 @@ def test_varlen_equals_padded_on_real_tokens(dropout_p):
         torch.testing.assert_close(got, want.flatten(0, 1)[real], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("head_dim", [8, 24, 40, 96])  # one per padded head dim 16 / 32 / 64 / 128
+def test_fp32_gpu_configurations_compute_attention(monkeypatch, head_dim):
+    """The tiles fp32 runs on the GPU (flash_attention._FP32_*: 16-wide blocks, query and key blocks of
+    different sizes) give the float64 result, and with dropout the same values as the interpreter's own
+    tiles (the mask depends on positions only). Runs them here by letting the launcher take its GPU branch."""
+    seqlen, lengths = 45, [45, 17, 0]
+    mask = _mask_from_lengths(lengths, seqlen)
+    inputs = _qkv((3, seqlen, 1, head_dim), torch.float32)
+    configs = []
+    real_launch = fa.launch
+
+    def record(kernel, tuned, grid, args, meta, fixed):
+        configs.append((fixed.kwargs["BLOCK_M"], fixed.kwargs["BLOCK_N"]))
+        real_launch(kernel, tuned, grid, args, meta, fixed)
+
+    def run(dropout_p):
+        torch.manual_seed(5)
+        out = ops.attention(*inputs, mask, dropout_p=dropout_p)
+        return (out, *_grads(out, inputs, grad_out))
+
+    grad_out = torch.randn(inputs[0].shape)
+    with backend.use("triton"):
+        interpreter_tiles = run(0.2)
+    monkeypatch.setattr(fa, "interpreted", lambda: False)
+    monkeypatch.setattr(fa, "launch", record)
+    _check_against_reference(lambda q, k, v: ops.attention(q, k, v, mask),
+                             lambda q, k, v: ops.attention_reference(q, k, v, mask), inputs, torch.float32)
+    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    want = [fa.fp32_config(table, block_d, False).kwargs for table in (fa._FP32_FWD, fa._FP32_BWD_DQ, fa._FP32_BWD_DKDV)]
+    assert configs == [(c["BLOCK_M"], c["BLOCK_N"]) for c in want]
+    with backend.use("triton"):
+        gpu_tiles = run(0.2)
+    for got, expected in zip(gpu_tiles, interpreter_tiles, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Dropout
 # ---------------------------------------------------------------------------------------------------

@@ -28,6 +28,18 @@ def test_ctas_per_sm_takes_the_tightest_limit(regs, smem, warps, expected):
     assert launch.ctas_per_sm(regs, smem, warps) == expected
 
 
+def test_binding_occupancy_names_the_resource_the_static_report_shows():
+    # 255 registers x 32 threads round up to 8192 per warp: two 4-warp blocks fill the 65536 registers.
+    assert launch.binding_occupancy(255, 0, 4) == (2, "regs")
+    # 64 KB + the 1 KB reserved per block: three blocks in 228 KB.
+    assert launch.binding_occupancy(64, 64 * 1024, 4) == (3, "smem")
+    assert launch.binding_occupancy(16, 0, 16) == (4, "warps")
+    assert launch.binding_occupancy(16, 0, 1) == (32, "ctas")
+    # Over the register file at 16 warps: the report says 0 where a launcher still counts 1.
+    assert launch.binding_occupancy(255, 0, 16) == (0, "regs")
+    assert launch.ctas_per_sm(255, 0, 16) == 1
+
+
 def test_occupancy_programs_is_one_wave_capped_by_the_work():
     assert launch.occupancy_programs(72, 0, 8, sm_count=132, work_items=10**6) == 3 * 132
     assert launch.occupancy_programs(72, 0, 8, sm_count=132, work_items=100) == 100
@@ -105,7 +117,7 @@ def test_every_kernel_follows_the_switch(monkeypatch, module, name):
     kernel, tuned = _Recorder(), _Recorder({"BLOCK_M": 32, "BLOCK_N": 32})
     monkeypatch.setattr(module, name, kernel)
     monkeypatch.setattr(module, "_fwd_tuned", tuned)
-    q = torch.randn(1, 8, 1, 16)
+    q = torch.randn(1, 8, 1, 16, dtype=torch.bfloat16 if module is fa else torch.float32)  # fp32 attention: below
 
     def run():
         if module is fa:
@@ -123,6 +135,43 @@ def test_every_kernel_follows_the_switch(monkeypatch, module, name):
         assert len(ran.calls) == 1 and not idle.calls, setting
     grid, kwargs = kernel.calls[0]
     assert "num_warps" in kwargs and "BLOCK_M" in kwargs and grid[0] >= 1
+
+
+@pytest.mark.parametrize("autotune", ["1", "0"])
+def test_fp32_attention_runs_its_measured_configuration(monkeypatch, autotune):
+    """fp32 attention never goes through the 16-bit autotuners or fixed configs (their tiles spill with
+    FMA dots): each kernel runs the one configuration its fp32 table gives for the padded head dim and
+    dropout, with autotuning on or off; 16-bit inputs keep the autotuner."""
+    names = {"_attention_fwd_kernel": "_fwd_tuned", "_attention_bwd_dq_kernel": "_bwd_dq_tuned",
+             "_attention_bwd_dkdv_kernel": "_bwd_dkdv_tuned"}
+    tables = {"_attention_fwd_kernel": fa._FP32_FWD, "_attention_bwd_dq_kernel": fa._FP32_BWD_DQ,
+              "_attention_bwd_dkdv_kernel": fa._FP32_BWD_DKDV}
+    kernels, tuners = {}, {}
+    for kernel_name, tuned_name in names.items():
+        kernels[kernel_name], tuners[kernel_name] = _Recorder(), _Recorder({"BLOCK_M": 32, "BLOCK_N": 32})
+        monkeypatch.setattr(fa, kernel_name, kernels[kernel_name])
+        monkeypatch.setattr(fa, tuned_name, tuners[kernel_name])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("FASTBERT_AUTOTUNE", autotune)
+    seen = set()
+    for head_dim, block_d in ((8, 16), (24, 32), (64, 64), (96, 128), (128, 128)):
+        for dropout_p in (0.0, 0.1):
+            q = torch.randn(1, 8, 2, head_dim)
+            out, lse = fa.forward(q, q, q, softmax_scale=0.25, dropout_p=dropout_p, seed=3)
+            fa.backward(q, q, q, q, out, lse, softmax_scale=0.25, dropout_p=dropout_p, seed=3)
+            for kernel_name, recorder in kernels.items():
+                assert not tuners[kernel_name].calls, kernel_name
+                grid, kwargs = recorder.calls.pop()
+                want = fa.fp32_config(tables[kernel_name], block_d, dropout_p > 0.0)
+                got = (kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"])
+                assert got == (want.kwargs["BLOCK_M"], want.kwargs["BLOCK_N"], want.num_warps, want.num_stages)
+                assert kwargs["BLOCK_D"] == block_d and kwargs["DOT_PRECISION"] == "ieee"
+                seen.add((kernel_name, got))
+    assert len({config for _, config in seen}) > 1  # the tables do differ by head dim / dropout
+    bf16 = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
+    fa.forward(bf16, bf16, bf16, softmax_scale=0.25)
+    ran = tuners["_attention_fwd_kernel"] if autotune == "1" else kernels["_attention_fwd_kernel"]
+    assert len(ran.calls) == 1 and ran.calls[0][1]["DOT_PRECISION"] == "tf32"
 
 
 @pytest.mark.parametrize("seed", [-1, 2**31, 1.5, True])

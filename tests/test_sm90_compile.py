@@ -41,15 +41,6 @@ def check(rows):
     assert ALL_KERNELS <= kernels, f"kernels never launched: {ALL_KERNELS - kernels}"
 
 
-def test_occupancy_arithmetic():
-    # 255 registers x 32 threads round up to 8192 per warp: two 4-warp blocks fill the 65536 registers.
-    assert sm90_compile.ctas_per_sm(255, 0, 4) == (2, "regs")
-    # 64 KB + the 1 KB reserved per block: three blocks in 228 KB.
-    assert sm90_compile.ctas_per_sm(64, 64 * 1024, 4) == (3, "smem")
-    assert sm90_compile.ctas_per_sm(16, 0, 16) == (4, "warps")
-    assert sm90_compile.ctas_per_sm(16, 0, 1) == (32, "ctas")
-
-
 @pytest.mark.parametrize("configs", ["_FWD_CONFIGS", "_BWD_DQ_CONFIGS", "_BWD_DKDV_CONFIGS"])
 def test_attention_autotuner_keeps_a_non_spilling_choice_at_every_head_dim(configs):
     import triton
@@ -73,12 +64,38 @@ def test_attention_autotuner_keeps_a_non_spilling_choice_at_every_head_dim(confi
         assert all(c.kwargs["BLOCK_N"] <= 64 for c in kept)
 
 
+@pytest.mark.parametrize("table", ["_FP32_FWD", "_FP32_BWD_DQ", "_FP32_BWD_DKDV"])
+def test_fp32_attention_has_a_measured_configuration_for_every_head_dim(table):
+    """Every head dim the attention op gives the kernel (multiples of 8 up to 128), with and without
+    dropout, finds its fp32 configuration; the full sweep compiles each of them (and fails on a spill)."""
+    import triton
+
+    from fastbert.kernels import flash_attention as fa
+    from fastbert.ops.attention import KERNEL_HEAD_DIM_MULTIPLE, KERNEL_MAX_HEAD_DIM
+
+    configs = getattr(fa, table)
+    head_dims = set(range(KERNEL_HEAD_DIM_MULTIPLE, KERNEL_MAX_HEAD_DIM + 1, KERNEL_HEAD_DIM_MULTIPLE))
+    for head_dim in head_dims:
+        block_d = max(16, triton.next_power_of_2(head_dim))
+        for dropout in (False, True):
+            config = fa.fp32_config(configs, block_d, dropout)
+            assert config.kwargs["BLOCK_M"] >= 16 and config.kwargs["BLOCK_N"] >= 16  # tl.dot's minimum
+    # fp32 spills depend on the exact head dim: the full sweep compiles every one, in every layout.
+    swept = {(c.head_dim, c.layout, c.dropout) for c in sm90_compile.case_set("full")
+             if c.op == "attention" and c.dtype == "fp32"}
+    assert swept == {(d, layout, dropout) for d in head_dims for layout in ("padded", "padded+mask", "varlen")
+                     for dropout in (False, True)}
+
+
 def test_representative_subset_compiles_for_sm90():
     rows = sm90_compile.compile_in_subprocess("default", jobs=2)
     check(rows)
     # Both paths of the attention launcher are covered: the autotuned configurations and the fixed one.
     attention = {r.config.split()[0] for r in rows if r.kernel == "_attention_fwd_kernel"}
     assert attention == {"tuned", "fixed"}
+    # fp32 attention (FMA dots, its own configurations) is in the subset: it too must not spill.
+    assert {r.kernel for r in rows if r.case.startswith("attention fp32")} == set(WGMMA_KERNELS) | {
+        "_attention_bwd_dkdv_kernel"}
 
 
 @pytest.mark.slow

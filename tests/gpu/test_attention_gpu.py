@@ -95,6 +95,22 @@ def test_head_dims_and_odd_lengths(dtype, head_dim, fixed_config):
              inputs)
 
 
+@pytest.mark.parametrize("head_dim", [24, 40, 72, 128])
+def test_fp32_runs_its_own_tiles_at_full_precision(head_dim):
+    """fp32 keeps ieee dots (no tf32) on its own spill-free tiles (flash_attention._FP32_*): within a few
+    fp32 roundings of float64 on real hardware; the dropout variant runs and stays finite."""
+    lengths = [300, 97, 1, 0]
+    mask = _lengths_mask(lengths, 300)
+    inputs = [torch.randn(len(lengths), 300, 2, head_dim, device="cuda", requires_grad=True) for _ in range(3)]
+    check_against_reference(lambda q, k, v: ops.attention(q, k, v, mask),
+                            lambda q, k, v: ops.attention_reference(q, k, v, mask), inputs, torch.float64,
+                            factor=FACTOR, slack_ulps=16, min_scale=1.0)
+    with backend.use("triton"):
+        torch.manual_seed(3)
+        out = ops.attention(*inputs, mask, dropout_p=0.1)
+    assert torch.isfinite(out).all() and torch.isfinite(torch.autograd.grad(out.sum(), inputs)[0]).all()
+
+
 @pytest.mark.parametrize("head_dim", [32, 80])
 def test_varlen_odd_lengths(head_dim, fixed_config):
     lengths = [1025, 97, 0, 7, 1]
