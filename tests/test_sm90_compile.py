@@ -64,6 +64,19 @@ def test_attention_autotuner_keeps_a_non_spilling_choice_at_every_head_dim(confi
         assert all(c.kwargs["BLOCK_N"] <= 64 for c in kept)
 
 
+@pytest.mark.parametrize("configs, fixed", [("_FWD_CONFIGS", "_FIXED_CONFIG"), ("_BWD_DQ_CONFIGS", "_FIXED_DQ_CONFIG"),
+                                             ("_BWD_DKDV_CONFIGS", "_FIXED_DKDV_CONFIG")])
+def test_fixed_attention_configs_are_declared_spill_free_at_every_head_dim(configs, fixed):
+    """With autotuning off, 16-bit attention runs one configuration at every head dim: it must be an
+    entry of the kernel's table whose limits cover head dim 128 with and without dropout."""
+    from fastbert.kernels import flash_attention as fa
+
+    config = getattr(fa, fixed)
+    key = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+    limits = {tuple(c[:4]): c[4:] for c in getattr(fa, configs)}
+    assert key in limits and min(limits[key]) >= 128, (fixed, key, limits.get(key))
+
+
 @pytest.mark.parametrize("table", ["_FP32_FWD", "_FP32_BWD_DQ", "_FP32_BWD_DKDV"])
 def test_fp32_attention_has_a_measured_configuration_for_every_head_dim(table):
     """Every head dim the attention op gives the kernel (multiples of 8 up to 128), with and without
