@@ -4,6 +4,7 @@ import os
 import random
 import re
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -255,8 +256,6 @@ class _CopyOrOracle(torch.nn.Module):
         self.oracle = oracle
 
     def forward(self, input_ids, labels, next_sentence_label, **_):
-        from types import SimpleNamespace
-
         vocab = 16
         guesses = (labels if self.oracle else input_ids)[labels != -100]
         return SimpleNamespace(prediction_logits=torch.nn.functional.one_hot(guesses, vocab).float(),

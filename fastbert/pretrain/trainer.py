@@ -253,12 +253,13 @@ def evaluate(model: BertForPreTraining, batches: list[dict], device: torch.devic
         with autocast:
             out = model(**batch)
         labels = batch["labels"]
-        targets = labels[labels != IGNORE_INDEX]
+        is_target = labels != IGNORE_INDEX
+        targets = labels[is_target]
         hits = out.prediction_logits.argmax(-1) == targets
         correct_mlm += int(hits.sum())
         total_mlm += targets.numel()
         if mask_token_id is not None:
-            at_mask = batch["input_ids"][labels != IGNORE_INDEX] == mask_token_id
+            at_mask = batch["input_ids"][is_target] == mask_token_id
             correct_at_mask += int(hits[at_mask].sum())
             total_at_mask += int(at_mask.sum())
         correct_nsp += int((out.seq_relationship_logits.argmax(-1) == batch["next_sentence_label"]).sum())
