@@ -76,15 +76,21 @@ def _locate_sequence(pid_bh, num_heads, seqlen, CU_SEQLENS, IS_VARLEN: tl.conste
 
 
 @triton.jit
-def _head_offset(b64, tok64, h, stride_b, stride_t, stride_h):
-    """Element offset of head h of token ``tok64`` of sequence b (a multiple of STRIDE_MULTIPLE)."""
-    return tl.multiple_of(b64 * stride_b + tok64 * stride_t + h * stride_h, STRIDE_MULTIPLE)
+def _head_offset(b64, h, stride_b, stride_h):
+    """Element offset of head h of sequence b's batch row (a multiple of STRIDE_MULTIPLE)."""
+    return tl.multiple_of(b64 * stride_b + h * stride_h, STRIDE_MULTIPLE)
 
 
 @triton.jit
-def _row_offsets(idx, stride_t):
-    """Element offsets (len(idx), 1) of tokens ``idx`` from a head offset (multiples of STRIDE_MULTIPLE)."""
-    return tl.multiple_of(idx * stride_t, [STRIDE_MULTIPLE])[:, None]
+def _token_offset(tok, stride_t):
+    """Element offset of token ``tok`` (a multiple of STRIDE_MULTIPLE)."""
+    return tl.multiple_of(tok * stride_t, STRIDE_MULTIPLE)
+
+
+@triton.jit
+def _row_offsets(tokens, stride_t):
+    """Element offsets (len(tokens), 1) of those tokens (multiples of STRIDE_MULTIPLE)."""
+    return tl.multiple_of(tokens * stride_t, [STRIDE_MULTIPLE])[:, None]
 
 
 @triton.jit
@@ -151,11 +157,11 @@ def _attention_fwd_kernel(
     b64 = b.to(tl.int64)
     tok64 = tok0.to(tl.int64)
 
-    q_ptrs = Q + _head_offset(b64, tok64, h, stride_qb, stride_qt, stride_qh) + _row_offsets(rows, stride_qt) \
+    q_ptrs = Q + _head_offset(b64, h, stride_qb, stride_qh) + _row_offsets(tok64 + rows, stride_qt) \
         + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & in_dim[None, :], other=0.0)
-    k_base = K + _head_offset(b64, tok64, h, stride_kb, stride_kt, stride_kh)
-    v_base = V + _head_offset(b64, tok64, h, stride_vb, stride_vt, stride_vh)
+    k_base = K + _head_offset(b64, h, stride_kb, stride_kh) + _token_offset(tok64, stride_kt)
+    v_base = V + _head_offset(b64, h, stride_vb, stride_vh) + _token_offset(tok64, stride_vt)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -186,7 +192,7 @@ def _attention_fwd_kernel(
     if HAS_DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
     out = acc * inv_l[:, None]
-    o_ptrs = OUT + _head_offset(b64, tok64, h, stride_ob, stride_ot, stride_oh) + _row_offsets(rows, stride_ot) \
+    o_ptrs = OUT + _head_offset(b64, h, stride_ob, stride_oh) + _row_offsets(tok64 + rows, stride_ot) \
         + offs_d[None, :]
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & in_dim[None, :])
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
@@ -231,11 +237,11 @@ def _attention_bwd_dq_kernel(
     b64 = b.to(tl.int64)
     tok64 = tok0.to(tl.int64)
 
-    q = tl.load(Q + _head_offset(b64, tok64, h, stride_qb, stride_qt, stride_qh) + _row_offsets(rows, stride_qt)
+    q = tl.load(Q + _head_offset(b64, h, stride_qb, stride_qh) + _row_offsets(tok64 + rows, stride_qt)
                 + offs_d[None, :], mask=tile_mask, other=0.0)
-    do = tl.load(DOUT + _head_offset(b64, tok64, h, stride_dob, stride_dot, stride_doh) + _row_offsets(rows, stride_dot)
+    do = tl.load(DOUT + _head_offset(b64, h, stride_dob, stride_doh) + _row_offsets(tok64 + rows, stride_dot)
                  + offs_d[None, :], mask=tile_mask, other=0.0)
-    o = tl.load(OUT + _head_offset(b64, tok64, h, stride_ob, stride_ot, stride_oh) + _row_offsets(rows, stride_ot)
+    o = tl.load(OUT + _head_offset(b64, h, stride_ob, stride_oh) + _row_offsets(tok64 + rows, stride_ot)
                 + offs_d[None, :], mask=tile_mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     lse_row0 = tok64 if IS_VARLEN else b64 * seqlen
@@ -243,8 +249,8 @@ def _attention_bwd_dq_kernel(
     tl.store(DELTA + lse_ptrs, delta, mask=row_ok)
     lse = tl.load(LSE + lse_ptrs, mask=row_ok, other=float("inf"))
 
-    k_base = K + _head_offset(b64, tok64, h, stride_kb, stride_kt, stride_kh)
-    v_base = V + _head_offset(b64, tok64, h, stride_vb, stride_vt, stride_vh)
+    k_base = K + _head_offset(b64, h, stride_kb, stride_kh) + _token_offset(tok64, stride_kt)
+    v_base = V + _head_offset(b64, h, stride_vb, stride_vh) + _token_offset(tok64, stride_vt)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -261,7 +267,7 @@ def _attention_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     dq = dq * softmax_scale
-    tl.store(DQ + _head_offset(b64, tok64, h, stride_dqb, stride_dqt, stride_dqh) + _row_offsets(rows, stride_dqt)
+    tl.store(DQ + _head_offset(b64, h, stride_dqb, stride_dqh) + _row_offsets(tok64 + rows, stride_dqt)
              + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=tile_mask)
 
@@ -300,9 +306,9 @@ def _attention_bwd_dkdv_kernel(
     b64 = b.to(tl.int64)
     tok64 = tok0.to(tl.int64)
     out_mask = (cols < n)[:, None] & in_dim[None, :]
-    dk_ptrs = DK + _head_offset(b64, tok64, h, stride_dkb, stride_dkt, stride_dkh) + _row_offsets(cols, stride_dkt) \
+    dk_ptrs = DK + _head_offset(b64, h, stride_dkb, stride_dkh) + _row_offsets(tok64 + cols, stride_dkt) \
         + offs_d[None, :]
-    dv_ptrs = DV + _head_offset(b64, tok64, h, stride_dvb, stride_dvt, stride_dvh) + _row_offsets(cols, stride_dvt) \
+    dv_ptrs = DV + _head_offset(b64, h, stride_dvb, stride_dvh) + _row_offsets(tok64 + cols, stride_dvt) \
         + offs_d[None, :]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -310,12 +316,12 @@ def _attention_bwd_dkdv_kernel(
     if (start_n < hi) & (start_n + BLOCK_N > lo):
         real = _real_tokens(KEEP, b, cols, lo, hi, dense, stride_keep_b, HAS_MASK)
         kv_mask = real[:, None] & in_dim[None, :]
-        k = tl.load(K + _head_offset(b64, tok64, h, stride_kb, stride_kt, stride_kh) + _row_offsets(cols, stride_kt)
+        k = tl.load(K + _head_offset(b64, h, stride_kb, stride_kh) + _row_offsets(tok64 + cols, stride_kt)
                     + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + _head_offset(b64, tok64, h, stride_vb, stride_vt, stride_vh) + _row_offsets(cols, stride_vt)
+        v = tl.load(V + _head_offset(b64, h, stride_vb, stride_vh) + _row_offsets(tok64 + cols, stride_vt)
                     + offs_d[None, :], mask=kv_mask, other=0.0)
-        q_base = Q + _head_offset(b64, tok64, h, stride_qb, stride_qt, stride_qh)
-        do_base = DOUT + _head_offset(b64, tok64, h, stride_dob, stride_dot, stride_doh)
+        q_base = Q + _head_offset(b64, h, stride_qb, stride_qh) + _token_offset(tok64, stride_qt)
+        do_base = DOUT + _head_offset(b64, h, stride_dob, stride_doh) + _token_offset(tok64, stride_dot)
         lse_row0 = tok64 if IS_VARLEN else b64 * seqlen
         # Padding queries attend to the real keys too, so every query block contributes.
         for start_m in range(0, n, BLOCK_M):
