@@ -45,6 +45,14 @@ from ._launch import check_seed, interpreted, launch
 from .dropout import keep_mask
 
 LOG2_E = 1.4426950408889634
+# Every q/k/v/out stride (batch, token, head) is a multiple of this many elements: the launchers
+# copy the rare tensor whose strides are not (head dims are multiples of 8, so usual views qualify).
+# The kernels declare their row and head offsets multiples of it (tl.multiple_of), so tiles load and
+# store as 16-byte vectors at every head dim. Triton itself infers at most "divisible by 16" from an
+# int argument, which head strides such as 40 or 72 are not; such head dims compiled to scalar loads
+# with no pipelining and spilled (sm_90 report).
+_STRIDE_MULTIPLE = 8
+STRIDE_MULTIPLE = tl.constexpr(_STRIDE_MULTIPLE)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -65,6 +73,24 @@ def _locate_sequence(pid_bh, num_heads, seqlen, CU_SEQLENS, IS_VARLEN: tl.conste
         tok0 = b * 0
         n = seqlen + b * 0
     return b, h, tok0, n
+
+
+@triton.jit
+def _head_offset(b64, h, stride_b, stride_h):
+    """Element offset of head h of sequence b's batch row (a multiple of STRIDE_MULTIPLE)."""
+    return tl.multiple_of(b64 * stride_b + h * stride_h, STRIDE_MULTIPLE)
+
+
+@triton.jit
+def _token_offset(tok, stride_t):
+    """Element offset of token ``tok`` (a multiple of STRIDE_MULTIPLE)."""
+    return tl.multiple_of(tok * stride_t, STRIDE_MULTIPLE)
+
+
+@triton.jit
+def _row_offsets(tokens, stride_t):
+    """Element offsets (len(tokens), 1) of those tokens (multiples of STRIDE_MULTIPLE)."""
+    return tl.multiple_of(tokens * stride_t, [STRIDE_MULTIPLE])[:, None]
 
 
 @triton.jit
@@ -95,7 +121,9 @@ def _real_tokens(KEEP, b, idx, lo, hi, dense, stride_keep_b, HAS_MASK: tl.conste
 
 @triton.jit(do_not_specialize=["seqlen", "seed", "dropout_p"])
 def _attention_fwd_kernel(
-    Q, K, V,  # inputs: (batch, seqlen, heads, head_dim) or (total, heads, head_dim); last dim contiguous
+    # inputs: (batch, seqlen, heads, head_dim) or (total, heads, head_dim); the last dim contiguous,
+    # every other stride a multiple of STRIDE_MULTIPLE (the launchers see to both)
+    Q, K, V,
     OUT,  # output, same layout as Q (its own strides)
     LSE,  # fp32 (heads, rows): log2-sum-exp of each query row's scaled scores; +inf for empty rows
     KEEP,  # key-padding mask (batch, seqlen), nonzero = real token; read only when HAS_MASK
@@ -129,10 +157,11 @@ def _attention_fwd_kernel(
     b64 = b.to(tl.int64)
     tok64 = tok0.to(tl.int64)
 
-    q_ptrs = Q + b64 * stride_qb + (tok64 + rows)[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
+    q_ptrs = Q + _head_offset(b64, h, stride_qb, stride_qh) + _row_offsets(tok64 + rows, stride_qt) \
+        + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & in_dim[None, :], other=0.0)
-    k_base = K + b64 * stride_kb + tok64 * stride_kt + h * stride_kh
-    v_base = V + b64 * stride_vb + tok64 * stride_vt + h * stride_vh
+    k_base = K + _head_offset(b64, h, stride_kb, stride_kh) + _token_offset(tok64, stride_kt)
+    v_base = V + _head_offset(b64, h, stride_vb, stride_vh) + _token_offset(tok64, stride_vt)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -142,8 +171,8 @@ def _attention_fwd_kernel(
         cols = start_n + offs_n
         real = _real_tokens(KEEP, b, cols, lo, hi, dense, stride_keep_b, HAS_MASK)
         kv_mask = real[:, None] & in_dim[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + _row_offsets(cols, stride_kt) + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + _row_offsets(cols, stride_vt) + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         s = tl.where(real[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -163,7 +192,8 @@ def _attention_fwd_kernel(
     if HAS_DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
     out = acc * inv_l[:, None]
-    o_ptrs = OUT + b64 * stride_ob + (tok64 + rows)[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+    o_ptrs = OUT + _head_offset(b64, h, stride_ob, stride_oh) + _row_offsets(tok64 + rows, stride_ot) \
+        + offs_d[None, :]
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & in_dim[None, :])
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
     lse_row0 = tok64 if IS_VARLEN else b64 * seqlen
@@ -206,27 +236,28 @@ def _attention_bwd_dq_kernel(
     tile_mask = row_ok[:, None] & in_dim[None, :]
     b64 = b.to(tl.int64)
     tok64 = tok0.to(tl.int64)
-    row_off = (tok64 + rows)[:, None]
 
-    q = tl.load(Q + b64 * stride_qb + row_off * stride_qt + h * stride_qh + offs_d[None, :], mask=tile_mask, other=0.0)
-    do = tl.load(DOUT + b64 * stride_dob + row_off * stride_dot + h * stride_doh + offs_d[None, :],
-                 mask=tile_mask, other=0.0)
-    o = tl.load(OUT + b64 * stride_ob + row_off * stride_ot + h * stride_oh + offs_d[None, :], mask=tile_mask, other=0.0)
+    q = tl.load(Q + _head_offset(b64, h, stride_qb, stride_qh) + _row_offsets(tok64 + rows, stride_qt)
+                + offs_d[None, :], mask=tile_mask, other=0.0)
+    do = tl.load(DOUT + _head_offset(b64, h, stride_dob, stride_doh) + _row_offsets(tok64 + rows, stride_dot)
+                 + offs_d[None, :], mask=tile_mask, other=0.0)
+    o = tl.load(OUT + _head_offset(b64, h, stride_ob, stride_oh) + _row_offsets(tok64 + rows, stride_ot)
+                + offs_d[None, :], mask=tile_mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     lse_row0 = tok64 if IS_VARLEN else b64 * seqlen
     lse_ptrs = h * stride_lse_h + lse_row0 + rows
     tl.store(DELTA + lse_ptrs, delta, mask=row_ok)
     lse = tl.load(LSE + lse_ptrs, mask=row_ok, other=float("inf"))
 
-    k_base = K + b64 * stride_kb + tok64 * stride_kt + h * stride_kh
-    v_base = V + b64 * stride_vb + tok64 * stride_vt + h * stride_vh
+    k_base = K + _head_offset(b64, h, stride_kb, stride_kh) + _token_offset(tok64, stride_kt)
+    v_base = V + _head_offset(b64, h, stride_vb, stride_vh) + _token_offset(tok64, stride_vt)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         cols = start_n + offs_n
         real = _real_tokens(KEEP, b, cols, lo, hi, dense, stride_keep_b, HAS_MASK)
         kv_mask = real[:, None] & in_dim[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + _row_offsets(cols, stride_kt) + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + _row_offsets(cols, stride_vt) + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         p = tl.where(real[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -236,7 +267,8 @@ def _attention_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     dq = dq * softmax_scale
-    tl.store(DQ + b64 * stride_dqb + row_off * stride_dqt + h * stride_dqh + offs_d[None, :],
+    tl.store(DQ + _head_offset(b64, h, stride_dqb, stride_dqh) + _row_offsets(tok64 + rows, stride_dqt)
+             + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=tile_mask)
 
 
@@ -273,28 +305,31 @@ def _attention_bwd_dkdv_kernel(
     in_dim = offs_d < HEAD_DIM
     b64 = b.to(tl.int64)
     tok64 = tok0.to(tl.int64)
-    col_off = (tok64 + cols)[:, None]
     out_mask = (cols < n)[:, None] & in_dim[None, :]
-    dk_ptrs = DK + b64 * stride_dkb + col_off * stride_dkt + h * stride_dkh + offs_d[None, :]
-    dv_ptrs = DV + b64 * stride_dvb + col_off * stride_dvt + h * stride_dvh + offs_d[None, :]
+    dk_ptrs = DK + _head_offset(b64, h, stride_dkb, stride_dkh) + _row_offsets(tok64 + cols, stride_dkt) \
+        + offs_d[None, :]
+    dv_ptrs = DV + _head_offset(b64, h, stride_dvb, stride_dvh) + _row_offsets(tok64 + cols, stride_dvt) \
+        + offs_d[None, :]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # Key blocks outside the span are all padding: their gradients are exactly zero.
     if (start_n < hi) & (start_n + BLOCK_N > lo):
         real = _real_tokens(KEEP, b, cols, lo, hi, dense, stride_keep_b, HAS_MASK)
         kv_mask = real[:, None] & in_dim[None, :]
-        k = tl.load(K + b64 * stride_kb + col_off * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + b64 * stride_vb + col_off * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        q_base = Q + b64 * stride_qb + tok64 * stride_qt + h * stride_qh
-        do_base = DOUT + b64 * stride_dob + tok64 * stride_dot + h * stride_doh
+        k = tl.load(K + _head_offset(b64, h, stride_kb, stride_kh) + _row_offsets(tok64 + cols, stride_kt)
+                    + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + _head_offset(b64, h, stride_vb, stride_vh) + _row_offsets(tok64 + cols, stride_vt)
+                    + offs_d[None, :], mask=kv_mask, other=0.0)
+        q_base = Q + _head_offset(b64, h, stride_qb, stride_qh) + _token_offset(tok64, stride_qt)
+        do_base = DOUT + _head_offset(b64, h, stride_dob, stride_doh) + _token_offset(tok64, stride_dot)
         lse_row0 = tok64 if IS_VARLEN else b64 * seqlen
         # Padding queries attend to the real keys too, so every query block contributes.
         for start_m in range(0, n, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < n
             tile_mask = row_ok[:, None] & in_dim[None, :]
-            q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=tile_mask, other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=tile_mask, other=0.0)
+            q = tl.load(q_base + _row_offsets(rows, stride_qt) + offs_d[None, :], mask=tile_mask, other=0.0)
+            do = tl.load(do_base + _row_offsets(rows, stride_dot) + offs_d[None, :], mask=tile_mask, other=0.0)
             lse = tl.load(LSE + h * stride_lse_h + lse_row0 + rows, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + h * stride_lse_h + lse_row0 + rows, mask=row_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
@@ -328,7 +363,7 @@ _FWD_CONFIGS = [
     (128, 64, 8, 3, 128, 128),
     (128, 128, 8, 3, 128, 32),
     (64, 64, 4, 2, 128, 128),
-    (128, 32, 4, 4, 128, 64),
+    (128, 32, 4, 4, 64, 64),  # spills 8 B at head dim 128 in the varlen layout
 ]
 # The dQ kernel favours tall query tiles, dK/dV wide key tiles.
 _BWD_DQ_CONFIGS = [
@@ -372,7 +407,7 @@ _FP32_FWD = {
 }
 _FP32_BWD_DQ = {
     (16, False): (32, 32, 8, 2), (16, True): (32, 32, 8, 2),
-    (32, False): (32, 64, 8, 2), (32, True): (32, 64, 8, 2),
+    (32, False): (32, 32, 8, 2), (32, True): (32, 32, 8, 2),  # 32 x 64 spills 8 B at head dim 24, varlen
     (64, False): (32, 64, 8, 2), (64, True): (32, 64, 8, 2),
     (128, False): (32, 16, 8, 2), (128, True): (32, 16, 8, 2),
 }
@@ -510,8 +545,12 @@ class _Layout:
         return self.keep.stride(0) if self.has_mask else 0
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
+    """``t`` when its last dim is contiguous and its other strides are multiples of STRIDE_MULTIPLE (the
+    kernels' promise to the compiler), else a contiguous copy. A dim of size 1 is never stepped through,
+    so its stride (which torch leaves arbitrary) does not count."""
+    aligned = all(stride % _STRIDE_MULTIPLE == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size > 1)
+    return t if aligned and t.stride(-1) == 1 else t.contiguous()
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None,
@@ -526,7 +565,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_ma
     seqlen or total.
     """
     check_seed(seed)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (_kernel_ready(t) for t in (q, k, v))
     layout = _Layout(q, key_padding_mask, cu_seqlens, max_seqlen)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((layout.num_heads, layout.rows), dtype=torch.float32, device=q.device)
@@ -554,7 +593,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     the forward's too (the dropout mask is regenerated, never stored). Returns (dq, dk, dv) like q, k, v.
     """
     check_seed(seed)
-    dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
+    dout, q, k, v, out = (_kernel_ready(t) for t in (dout, q, k, v, out))
     layout = _Layout(q, key_padding_mask, cu_seqlens, max_seqlen)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)

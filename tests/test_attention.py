@@ -110,6 +110,33 @@ def test_no_mask_and_non_contiguous_inputs():
                              lambda q, k, v: ops.attention_reference(q, k, v), inputs, torch.float32)
 
 
+def test_kernels_take_views_with_strides_in_multiples_of_8_and_copy_other_tensors():
+    """The kernels promise the compiler that every row and head offset is a multiple of 8 elements
+    (16-byte vector loads at any head dim): views that keep that promise go in as they are, any other
+    tensor as a contiguous copy, and both give the reference's result."""
+    kept = [
+        torch.randn(2, 5, 3, 2, 72, device=DEVICE).unbind(dim=2)[0],  # q of a fused qkv: strides 2160, 432, 72
+        torch.randn(2, 5, 3, 72, device=DEVICE)[:, :, :2],  # a slice of the heads
+        torch.randn(2, 5, 9, 8, device=DEVICE)[:, :, 1:8:3],  # every third head: head stride 24
+        # a dim of size 1 is never stepped through, whatever its stride
+        torch.randn(1, 5, 2, 72, device=DEVICE).as_strided((1, 5, 2, 72), (3, 144, 72, 1)),
+    ]
+    copied = [
+        torch.randn(2, 5, 2, 77, device=DEVICE)[..., :72],  # head stride 77
+        torch.randn(2, 5, 72, 2, device=DEVICE).transpose(-1, -2),  # last dim not contiguous
+    ]
+    for t in kept:
+        assert fa._kernel_ready(t) is t
+    for t in copied:
+        ready = fa._kernel_ready(t)
+        assert ready.is_contiguous() and ready.data_ptr() != t.data_ptr()
+        torch.testing.assert_close(ready, t, rtol=0, atol=0)
+    q, k, v = (torch.randn(2, 11, 2, 29, device=DEVICE)[..., :24].requires_grad_() for _ in range(3))
+    mask = _mask_from_lengths([11, 6], 11)
+    _check_against_reference(lambda q, k, v: ops.attention(q, k, v, mask),
+                             lambda q, k, v: ops.attention_reference(q, k, v, mask), [q, k, v], torch.float32)
+
+
 @pytest.mark.parametrize("shape", [(2, 0, 2, 16), (0, 5, 2, 16)])
 def test_empty_inputs(shape):
     q, k, v = _qkv(shape, torch.float32)

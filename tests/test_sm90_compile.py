@@ -36,9 +36,33 @@ def check(rows):
         # fp32 attention uses ieee dots, which wgmma (tf32 at best) cannot run.
         if r.kernel in WGMMA_KERNELS and " fp32 " not in f" {r.case} " and (r.other_dots or not r.wgmma_dots):
             failures.append(f"{where}: {r.other_dots} of {r.other_dots + r.wgmma_dots} dots not on wgmma")
+    failures += _unvectorised_attention(rows)
     assert not failures, "\n".join(failures)
     kernels = {r.kernel for r in rows}
     assert ALL_KERNELS <= kernels, f"kernels never launched: {ALL_KERNELS - kernels}"
+
+
+def _unvectorised_attention(rows):
+    """Attention tiles must load as 16-byte vectors at every head dim: from BLOCK_D 32 on every kernel
+    has some, and a head dim loads as many as the power of two that is its BLOCK_D (same dtype, layout,
+    dropout, kernel and configuration) wherever the rows hold both. Head dims that are odd multiples
+    of 8 compiled to scalar loads (and spilled) before the kernels declared their strides' alignment."""
+    failures, vector_loads = [], {}
+    for r in rows:
+        if not r.kernel.startswith("_attention") or r.error:
+            continue
+        _, dtype, _, head_dim, layout, dropout = r.case.split()
+        head_dim = int(head_dim[1:])
+        block_d = max(16, 1 << (head_dim - 1).bit_length())
+        if block_d >= 32 and not r.ld_global_v4:
+            failures.append(f"{r.case} | {r.kernel} | {r.config}: no 16-byte vector load")
+        vector_loads[(dtype, head_dim, layout, dropout, r.kernel, r.config)] = (r.ld_global_v4, block_d)
+    for (dtype, head_dim, *rest), (count, block_d) in vector_loads.items():
+        reference = vector_loads.get((dtype, block_d, *rest))
+        if reference is not None and count != reference[0]:
+            failures.append(f"attention {dtype} D{head_dim} {' | '.join(rest)}: {count} vector loads, "
+                            f"{reference[0]} at D{block_d}")
+    return failures
 
 
 @pytest.mark.parametrize("configs", ["_FWD_CONFIGS", "_BWD_DQ_CONFIGS", "_BWD_DKDV_CONFIGS"])
@@ -98,6 +122,18 @@ def test_fp32_attention_has_a_measured_configuration_for_every_head_dim(table):
              if c.op == "attention" and c.dtype == "fp32"}
     assert swept == {(d, layout, dropout) for d in head_dims for layout in ("padded", "padded+mask", "varlen")
                      for dropout in (False, True)}
+
+
+def test_full_sweep_compiles_16_bit_attention_at_every_head_dim():
+    """The exact head dim, not only its BLOCK_D, decides spills and vector widths: the full sweep
+    compiles bf16 and fp16 attention at every head dim the op takes, masked and varlen, dropout on/off."""
+    from fastbert.ops.attention import KERNEL_HEAD_DIM_MULTIPLE, KERNEL_MAX_HEAD_DIM
+
+    head_dims = range(KERNEL_HEAD_DIM_MULTIPLE, KERNEL_MAX_HEAD_DIM + 1, KERNEL_HEAD_DIM_MULTIPLE)
+    swept = {(c.dtype, c.head_dim, c.layout, c.dropout) for c in sm90_compile.case_set("full")
+             if c.op == "attention" and c.dtype != "fp32"}
+    assert swept >= {(dtype, d, layout, dropout) for dtype in ("bf16", "fp16") for d in head_dims
+                     for layout in ("padded+mask", "varlen") for dropout in (False, True)}
 
 
 def test_representative_subset_compiles_for_sm90():

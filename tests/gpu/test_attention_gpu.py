@@ -111,7 +111,7 @@ def test_fp32_runs_its_own_tiles_at_full_precision(head_dim):
     assert torch.isfinite(out).all() and torch.isfinite(torch.autograd.grad(out.sum(), inputs)[0]).all()
 
 
-@pytest.mark.parametrize("head_dim", [32, 80])
+@pytest.mark.parametrize("head_dim", [32, 72])
 def test_varlen_odd_lengths(head_dim, fixed_config):
     lengths = [1025, 97, 0, 7, 1]
     cu_seqlens = _cu_seqlens(lengths)
