@@ -50,3 +50,20 @@ def lengths_mask(lengths, seqlen, device):
 def cu_seqlens_of(lengths, device):
     """int32 (B + 1,) cumulative sequence lengths, as the varlen layout takes them."""
     return torch.tensor([0, *torch.as_tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+def gradient_scales(grads, exactly_zero=1e-9):
+    """The scale each parameter's gradient error is judged at: its own largest value, or, where that
+    is zero in exact arithmetic (below ``exactly_zero`` × its module's gradients: an attention key
+    bias, which softmax's shift invariance cancels), the largest gradient of its module. What remains
+    of such a gradient is rounding noise of the module's own computation; comparing two noises on
+    their own scale depends on which vector kernels torch picks on the machine."""
+    by_module = {}
+    for name, grad in grads.items():
+        module = name.rpartition(".")[0]
+        by_module[module] = max(by_module.get(module, 0.0), grad.abs().max().item())
+    scales = {}
+    for name, grad in grads.items():
+        own, module = grad.abs().max().item(), by_module[name.rpartition(".")[0]]
+        scales[name] = module if own <= exactly_zero * module else own
+    return scales
