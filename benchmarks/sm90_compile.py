@@ -39,7 +39,7 @@ WARP_SIZE = 32
 SMEM_PER_BLOCK_MAX = 227 * 1024
 SM_COUNT = 132  # what the launchers' per-SM program counts see
 
-KERNEL_MODULES = ("flash_attention", "layer_norm", "bias_gelu", "column_sum")
+KERNEL_MODULES = ("flash_attention", "layer_norm", "gelu", "column_sum")
 
 
 # ---- cases: which launcher calls to capture ------------------------------------------------------
@@ -89,11 +89,11 @@ def case_set(name: str) -> list[Case]:
         ]
     if name != "full":
         raise ValueError(f"unknown case set {name!r}: choose smoke, quick, default or full")
-    from fastbert.ops.attention import KERNEL_HEAD_DIM_MULTIPLE, KERNEL_MAX_HEAD_DIM
+    from fastbert.kernels.limits import attention_head_dims
 
     # Every head dim the op takes (multiples of 8 up to 128), not only the padded ones (BLOCK_D): the
     # exact head dim changes the masks, hence ptxas' schedule and the loads' vector width.
-    head_dims = range(KERNEL_HEAD_DIM_MULTIPLE, KERNEL_MAX_HEAD_DIM + 1, KERNEL_HEAD_DIM_MULTIPLE)
+    head_dims = attention_head_dims()
     cases = []
     for dtype in ("bf16", "fp16"):
         for head_dim in head_dims:
@@ -317,7 +317,7 @@ def _run_layer_norm(case: Case) -> None:
 
 
 def _run_bias_gelu(case: Case) -> None:
-    from fastbert.kernels import bias_gelu as bg
+    from fastbert.kernels import gelu as bg
 
     rows, n = 4096, case.hidden
     act = torch.bfloat16 if case.dtype == "mix" else _DTYPES[case.dtype]

@@ -21,6 +21,8 @@ from typing import Iterator
 
 import torch
 
+from fastbert.kernels.limits import interpreter_enabled  # triton-free
+
 BACKENDS = ("auto", "triton", "torch")
 
 _override = threading.local()
@@ -51,11 +53,6 @@ def use(name: str) -> Iterator[None]:
         yield
     finally:
         _override.name = previous
-
-
-def interpreter_enabled() -> bool:
-    """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 _triton_found: bool | None = None

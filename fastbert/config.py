@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish", "tanh")
+from fastbert.activations import ACTIVATIONS
 
 # Google's published BERT sizes (the BERT README and the "Well-Read Students" small models).
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -91,8 +91,8 @@ class BertConfig:
                 raise ValueError(f"BertConfig.{name} must be in [0, 1), got {value!r}")
         if self.classifier_dropout is not None and not 0.0 <= self.classifier_dropout < 1.0:
             raise ValueError(f"BertConfig.classifier_dropout must be in [0, 1) or None, got {self.classifier_dropout!r}")
-        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(f"BertConfig.hidden_act {self.hidden_act!r} is not supported; use one of {SUPPORTED_ACTIVATIONS}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"BertConfig.hidden_act {self.hidden_act!r} is not supported; use one of {tuple(ACTIVATIONS)}")
         if self.position_embedding_type != "absolute":
             raise ValueError(
                 f"BertConfig.position_embedding_type {self.position_embedding_type!r} is not supported; "

@@ -45,7 +45,7 @@ from torch import nn
 
 from fastbert import modeling, ops
 from fastbert.masking import IGNORE_INDEX
-from fastbert.ops.attention import varlen_preferred
+from fastbert.ops.flash_attention import varlen_preferred
 
 ATTENTION_NAME = "fastbert"
 
@@ -92,10 +92,6 @@ _SUPPORTED = "BERT, RoBERTa, XLM-RoBERTa, CamemBERT and ELECTRA"
 # call with unknown labels must keep the padding. Sequence-level heads read only position 0.
 _PER_TOKEN_HEADS = ("ForMaskedLM", "ForTokenClassification", "ForPreTraining", "ForQuestionAnswering",
                     "ForCausalLM", "LMHeadModel")
-
-
-def _modeling_bert():
-    return FAMILIES[0].modeling_module()
 
 
 def _is_hf(module: nn.Module, cls: type) -> bool:

@@ -17,10 +17,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastbert import ops, weights
+from fastbert.activations import ACTIVATIONS
 from fastbert._validation import DtypeError, check_tensor, value_checks_cheap
 from fastbert.config import BertConfig
 from fastbert.masking import IGNORE_INDEX
-from fastbert.ops.attention import varlen_preferred
+from fastbert.ops.flash_attention import varlen_preferred
 from fastbert.outputs import (
     BaseModelOutputWithPooling,
     BertForPreTrainingOutput,
@@ -29,17 +30,6 @@ from fastbert.outputs import (
 )
 
 logger = logging.getLogger("fastbert")
-
-_ACTIVATIONS = {
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "silu": F.silu,
-    "swish": F.silu,
-    "tanh": torch.tanh,
-}
-
 
 @dataclass
 class AttentionInputs:
@@ -135,7 +125,7 @@ class BertIntermediate(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
         self.hidden_act = config.hidden_act
-        self.intermediate_act_fn = _ACTIVATIONS[config.hidden_act]
+        self.intermediate_act_fn = ACTIVATIONS[config.hidden_act]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.hidden_act == "gelu":
@@ -203,7 +193,7 @@ class BertPredictionHeadTransform(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.hidden_act = config.hidden_act
-        self.transform_act_fn = _ACTIVATIONS[config.hidden_act]
+        self.transform_act_fn = ACTIVATIONS[config.hidden_act]
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

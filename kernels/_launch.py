@@ -10,11 +10,11 @@ from typing import Callable
 import torch
 import triton
 
-# Kernel seeds are Python ints in [0, 2**31): Triton types such an argument as int32 whatever its value
-# (an int64 only from 2**31 on), so every seed compiles the same kernel variant, and Philox takes its key
-# as 32-bit words anyway. Kernels also list "seed" in do_not_specialize: a seed of 1, or one divisible
-# by 16, would otherwise be specialised into another variant.
-SEED_LIMIT = 2**31
+from .limits import SEED_LIMIT, padded_block
+from .limits import interpreter_enabled as interpreted  # the name the launchers (and tests' patches) use
+
+# Seeds below SEED_LIMIT are typed int32 (see limits.py). Kernels also list "seed" in do_not_specialize: a
+# seed of 1, or one divisible by 16, would otherwise be specialised into another variant.
 
 
 def check_seed(seed: int) -> int:
@@ -22,12 +22,6 @@ def check_seed(seed: int) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"kernel seeds are ints in [0, 2**31) (typed int32 by Triton), got {seed!r}")
     return seed
-
-
-def interpreted() -> bool:
-    """True when the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set before triton
-    is imported): every launcher then takes its small interpreter configuration, whatever the device."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def autotune_enabled() -> bool:
@@ -64,7 +58,7 @@ def as_rows(tensor: torch.Tensor, hidden: int) -> torch.Tensor:
 
 def block_size(hidden: int, minimum: int = 16) -> int:
     """The power of two a whole row is padded to inside a kernel (masked beyond ``hidden``)."""
-    return max(minimum, triton.next_power_of_2(hidden))
+    return padded_block(hidden, minimum)
 
 
 def warps_for(elements_per_program: int) -> int:

@@ -43,6 +43,7 @@ import triton.language as tl
 
 from ._launch import check_seed, interpreted, launch
 from .dropout import keep_mask
+from .limits import padded_block
 
 LOG2_E = 1.4426950408889634
 # Every q/k/v/out stride (batch, token, head) is a multiple of this many elements: the launchers
@@ -522,8 +523,8 @@ class _Layout:
             self.keep = placeholder
             self.spans = placeholder
         self.cu_seqlens = cu_seqlens if self.is_varlen else placeholder
-        self.block_d = max(16, triton.next_power_of_2(self.head_dim))
-        self.seqlen_bucket = max(16, triton.next_power_of_2(max(self.seqlen, 1)))
+        self.block_d = padded_block(self.head_dim)
+        self.seqlen_bucket = padded_block(max(self.seqlen, 1))
 
     def strides(self, t: torch.Tensor) -> tuple[int, int, int]:
         """(batch, token, head) strides; the varlen layout has no batch dimension (stride 0)."""

@@ -26,8 +26,8 @@ from ._launch import (
 )
 from .column_sum import column_sums_into
 from .dropout import keep_mask
+from .limits import MAX_HIDDEN
 
-MAX_HIDDEN = 16384  # a whole row lives in registers; fastbert.ops.layer_norm checks the same limit
 # No configuration has fewer than 4 warps, so none fits more than 64 / 4 CTAs on an SM.
 _MAX_WAVE_CTAS_PER_SM = 16
 

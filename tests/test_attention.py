@@ -17,7 +17,7 @@ from tests.kernel_checks import check_against_reference, cu_seqlens_of, lengths_
 from tests.spies import count_calls
 
 # The module, not the function of the same name that fastbert.ops exports.
-attention_module = importlib.import_module("fastbert.ops.attention")
+attention_module = importlib.import_module("fastbert.ops.flash_attention")
 
 fa = pytest.importorskip("fastbert.kernels.flash_attention")
 

@@ -242,11 +242,18 @@ def test_gpu_autotune_keeps_a_config_for_every_supported_hidden_size(hidden):
         assert max(per_thread) <= max(cap, block_n // (32 * 16)), per_thread
 
 
-def test_kernel_limit_matches_the_ops_check():
-    import fastbert.kernels.layer_norm as kernels
-    from fastbert.ops import layer_norm as op
+def test_rows_over_the_kernel_limit_are_refused_by_name_or_take_the_reference():
+    """One limit (kernels/limits.py) for the op's check and the launcher's: above it the triton backend
+    refuses by name, auto takes the torch reference."""
+    from fastbert.kernels.limits import MAX_HIDDEN
 
-    assert kernels.MAX_HIDDEN == op._MAX_HIDDEN
+    hidden = MAX_HIDDEN + 8
+    x, w, b = torch.randn(2, hidden), torch.randn(hidden), torch.randn(hidden)
+    with backend.use("triton"), pytest.raises(ValueError, match=f"hidden size {hidden} > {MAX_HIDDEN}"):
+        ops.dropout_add_layer_norm(x, None, w, b)
+    with backend.use("auto"):
+        torch.testing.assert_close(ops.dropout_add_layer_norm(x, None, w, b),
+                                   torch.nn.functional.layer_norm(x, (hidden,), w, b, 1e-12))
 
 
 # -------------------------------------------------------------------------------------------- autocast
@@ -321,10 +328,10 @@ def test_import_does_not_load_triton():
     import sys
 
     code = ("import sys, fastbert, torch; fastbert.ops.dropout_add_layer_norm(torch.randn(2, 8), None, "
-            "torch.ones(8), None); loaded = [m for m in ('triton', 'fastbert.kernels') if m in sys.modules]; "
-            "print(loaded)")
-    # The default backend (auto) on a CPU tensor: the torch reference, and neither triton nor the kernels
-    # imported (a clean environment: no TRITON_INTERPRET from conftest).
+            "torch.ones(8), None); loaded = [m for m in sys.modules if m == 'triton' or "
+            "m.startswith('fastbert.kernels.') and m != 'fastbert.kernels.limits']; print(loaded)")
+    # The default backend (auto) on a CPU tensor: the torch reference, and neither triton nor a kernel
+    # module imported (only the triton-free limits; a clean environment: no TRITON_INTERPRET from conftest).
     run = subprocess.run([sys.executable, "-c", code], check=True, env={"PATH": ""}, capture_output=True, text=True)
     assert run.stdout.strip() == "[]", f"imported: {run.stdout.strip()}"
 

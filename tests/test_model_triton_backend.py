@@ -20,7 +20,7 @@ def reference_attention(monkeypatch):
 @pytest.fixture
 def kernel_launches(monkeypatch):
     """Counts of each launcher call of the two kernel modules."""
-    import fastbert.kernels.bias_gelu as gelu_kernels
+    import fastbert.kernels.gelu as gelu_kernels
     import fastbert.kernels.layer_norm as ln_kernels
 
     counts = count_calls(monkeypatch, ln_kernels, ("layer_norm_fwd", "layer_norm_bwd"))

@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("triton")
 
 from benchmarks import sm90_compile  # noqa: E402
+from fastbert.kernels.limits import attention_head_dims, padded_block  # noqa: E402
 
 # Every kernel of fastbert.kernels must show up: a launcher that stops launching one is a failure here.
 ALL_KERNELS = {"_attention_fwd_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel", "_fwd_kernel",
@@ -21,18 +22,6 @@ ALL_KERNELS = {"_attention_fwd_kernel", "_attention_bwd_dq_kernel", "_attention_
 WGMMA_KERNELS = ("_attention_fwd_kernel", "_attention_bwd_dq_kernel")
 
 
-def _op_head_dims() -> range:
-    """Every head dim the attention op gives the kernels (multiples of 8 up to 128)."""
-    from fastbert.ops.attention import KERNEL_HEAD_DIM_MULTIPLE, KERNEL_MAX_HEAD_DIM
-
-    return range(KERNEL_HEAD_DIM_MULTIPLE, KERNEL_MAX_HEAD_DIM + 1, KERNEL_HEAD_DIM_MULTIPLE)
-
-
-def _block_d(head_dim: int) -> int:
-    """The padded head dim the kernels compile for (as ``flash_attention._Layout``)."""
-    import triton
-
-    return max(16, triton.next_power_of_2(head_dim))
 
 
 def check(rows):
@@ -67,7 +56,7 @@ def _unvectorised_attention(rows):
             continue
         _, dtype, _, head_dim, layout, dropout = r.case.split()
         head_dim = int(head_dim[1:])
-        block_d = _block_d(head_dim)
+        block_d = padded_block(head_dim)
         if block_d >= 32 and not r.ld_global_v4:
             failures.append(f"{r.case} | {r.kernel} | {r.config}: no 16-byte vector load")
         vector_loads[(dtype, head_dim, layout, dropout, r.kernel, r.config)] = (r.ld_global_v4, block_d)
@@ -122,10 +111,10 @@ def test_fp32_attention_has_a_measured_configuration_for_every_head_dim(table):
     from fastbert.kernels import flash_attention as fa
 
     configs = getattr(fa, table)
-    head_dims = set(_op_head_dims())
+    head_dims = set(attention_head_dims())
     for head_dim in head_dims:
         for dropout in (False, True):
-            config = fa.fp32_config(configs, _block_d(head_dim), dropout)
+            config = fa.fp32_config(configs, padded_block(head_dim), dropout)
             assert config.kwargs["BLOCK_M"] >= 16 and config.kwargs["BLOCK_N"] >= 16  # tl.dot's minimum
     # fp32 spills depend on the exact head dim: the full sweep compiles every one, in every layout.
     swept = {(c.head_dim, c.layout, c.dropout) for c in sm90_compile.case_set("full")
@@ -137,7 +126,7 @@ def test_fp32_attention_has_a_measured_configuration_for_every_head_dim(table):
 def test_full_sweep_compiles_16_bit_attention_at_every_head_dim():
     """The exact head dim, not only its BLOCK_D, decides spills and vector widths: the full sweep
     compiles bf16 and fp16 attention at every head dim the op takes, masked and varlen, dropout on/off."""
-    head_dims = _op_head_dims()
+    head_dims = attention_head_dims()
     swept = {(c.dtype, c.head_dim, c.layout, c.dropout) for c in sm90_compile.case_set("full")
              if c.op == "attention" and c.dtype != "fp32"}
     assert swept >= {(dtype, d, layout, dropout) for dtype in ("bf16", "fp16") for d in head_dims

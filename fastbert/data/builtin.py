@@ -29,7 +29,6 @@ from fastbert.data.text import decode_counting, normalize_whitespace, split_sent
 
 # Bump when the extraction rules change: the cache file name carries it, so an old file is not reused.
 BUILDER_VERSION = 1
-BUILTIN_NAME = "builtin"
 
 # Folders of the standard library that hold tests, vendored packages or generated data, not docs.
 _SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test",

@@ -85,13 +85,6 @@ class ShardWriter:
         self._sentence_ends = array.array("q")
         self._document_ends = array.array("q")
 
-    def add_document(self, sentences: Sequence[Sequence[int]]) -> None:
-        """Append one document given as a list of token-id lists; empty sentences are skipped."""
-        lengths = np.fromiter((len(sentence) for sentence in sentences), dtype=np.int64, count=len(sentences))
-        flat = np.fromiter((token for sentence in sentences for token in sentence), dtype=np.int64,
-                           count=int(lengths.sum()))
-        self.add_flat_document(flat, lengths)
-
     def add_flat_document(self, tokens: np.ndarray, sentence_lengths: np.ndarray) -> None:
         """Append one document: its sentences' tokens back to back, and each sentence's length."""
         sentence_lengths = np.asarray(sentence_lengths, dtype=np.int64)

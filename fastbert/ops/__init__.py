@@ -1,6 +1,6 @@
 """fastbert's public functional ops. Each dispatches to a Triton kernel or its torch reference
 (see :mod:`fastbert.backend`); the references live beside the ops as ``*_reference``."""
-from fastbert.ops.attention import attention, attention_reference, attention_varlen, attention_varlen_reference
+from fastbert.ops.flash_attention import attention, attention_reference, attention_varlen, attention_varlen_reference
 from fastbert.ops.gelu import bias_gelu, bias_gelu_reference
 from fastbert.ops.layer_norm import dropout_add_layer_norm, dropout_add_layer_norm_reference
 from fastbert.ops.padding import gather_tokens, pad_input, unpad_input, unpad_metadata, unpad_metadata_reference

@@ -10,10 +10,8 @@ from types import ModuleType
 
 import torch
 
-# The one seed-typing rule of every kernel (kernels/_launch.py: SEED_LIMIT, check_seed): seeds are in
-# [0, 2**31), so Triton types the seed argument as int32 whatever the draw (one compiled variant).
-# Not imported from there: that module imports triton.
-_SEED_LIMIT = 2**31
+from fastbert.kernels.limits import SEED_LIMIT  # triton-free
+
 
 
 def kernel_module(name: str) -> ModuleType:
@@ -31,4 +29,4 @@ def philox_seed() -> int:
     derives each element's random number from (seed, element position), so its backward regenerates
     the same mask from the same seed instead of storing it.
     """
-    return int(torch.randint(0, _SEED_LIMIT, (1,), dtype=torch.int64).item())
+    return int(torch.randint(0, SEED_LIMIT, (1,), dtype=torch.int64).item())

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from fastbert import backend
 from fastbert._validation import check_floating
+from fastbert.kernels.limits import dtype_unsupported  # triton-free
 from fastbert.ops._triton import kernel_module
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def bias_gelu_reference(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -24,7 +24,7 @@ def bias_gelu_reference(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("fastbert::bias_gelu_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return kernel_module("bias_gelu").bias_gelu_fwd(x, bias)
+    return kernel_module("gelu").bias_gelu_fwd(x, bias)
 
 
 @_fwd_op.register_fake
@@ -35,7 +35,7 @@ def _fwd_fake(x, bias):
 @torch.library.custom_op("fastbert::bias_gelu_bwd", mutates_args=("grad_x", "grad_bias"))
 def _bwd_op(grad_out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, grad_x: torch.Tensor,
             grad_bias: torch.Tensor) -> None:
-    kernel_module("bias_gelu").bias_gelu_bwd(grad_out, x, bias, grad_x, grad_bias)
+    kernel_module("gelu").bias_gelu_bwd(grad_out, x, bias, grad_x, grad_bias)
 
 
 @_bwd_op.register_fake
@@ -48,14 +48,14 @@ def _forward(x, bias):
     eager mode, where a custom op's Python dispatch would cost about as much as the kernel at BERT sizes."""
     if torch.compiler.is_compiling():
         return _fwd_op(x, bias)
-    return kernel_module("bias_gelu").bias_gelu_fwd(x, bias)
+    return kernel_module("gelu").bias_gelu_fwd(x, bias)
 
 
 def _backward(grad_out, x, bias, grad_x, grad_bias):
     """The backward kernel, dispatched as :func:`_forward`."""
     if torch.compiler.is_compiling():
         return _bwd_op(grad_out, x, bias, grad_x, grad_bias)
-    return kernel_module("bias_gelu").bias_gelu_bwd(grad_out, x, bias, grad_x, grad_bias)
+    return kernel_module("gelu").bias_gelu_bwd(grad_out, x, bias, grad_x, grad_bias)
 
 
 class _BiasGelu(torch.autograd.Function):
@@ -89,10 +89,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
                          f"got {tuple(bias.shape)}")
     if bias.device != x.device:
         raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-    why_not = ""
-    for name, t in (("x", x), ("bias", bias)):
-        if t.dtype not in _KERNEL_DTYPES:
-            why_not = f"{name} is {t.dtype}; the kernel takes float16, bfloat16 and float32"
+    why_not = dtype_unsupported({"x": x, "bias": bias})
     if backend.use_triton("bias_gelu", x, supported=not why_not, unsupported_reason=why_not):
         if torch.is_grad_enabled() and (x.requires_grad or bias.requires_grad):
             return _BiasGelu.apply(x, bias)

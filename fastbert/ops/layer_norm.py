@@ -15,12 +15,9 @@ import torch.nn.functional as F
 
 from fastbert import backend
 from fastbert._validation import check_floating, check_probability, check_same
+from fastbert.kernels.limits import MAX_HIDDEN, dtype_unsupported  # triton-free
 from fastbert.ops._triton import kernel_module, philox_seed
 
-# The kernels keep a whole row in registers; same limit as fastbert.kernels.layer_norm.MAX_HIDDEN
-# (not imported here: that module imports triton).
-_MAX_HIDDEN = 16384
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def dropout_add_layer_norm_reference(x, residual, weight, bias, eps=1e-12, dropout_p=0.0):
@@ -131,12 +128,10 @@ def _check_inputs(x, residual, weight, bias, eps, dropout_p, mixed_dtypes: bool)
 
 def _kernel_limits(x, residual, weight, bias) -> str:
     """Why the Triton kernel cannot take this input ('' when it can)."""
-    for name, t in (("x", x), ("residual", residual), ("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype not in _KERNEL_DTYPES:
-            return f"{name} is {t.dtype}; the kernel takes float16, bfloat16 and float32"
-    if x.shape[-1] > _MAX_HIDDEN:
-        return f"hidden size {x.shape[-1]} > {_MAX_HIDDEN} (the kernel keeps a whole row in registers)"
-    return ""
+    why_not = dtype_unsupported({"x": x, "residual": residual, "weight": weight, "bias": bias})
+    if not why_not and x.shape[-1] > MAX_HIDDEN:
+        why_not = f"hidden size {x.shape[-1]} > {MAX_HIDDEN} (the kernel keeps a whole row in registers)"
+    return why_not
 
 
 def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,

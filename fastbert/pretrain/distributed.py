@@ -53,15 +53,6 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
-def broadcast_flag(flag: bool, info: DistInfo) -> bool:
-    """Rank 0's flag on every rank (e.g. 'stop now' after an interrupt)."""
-    if not info.distributed:
-        return flag
-    t = torch.tensor([int(flag)], device=info.device if info.device.type == "cuda" else "cpu")
-    dist.broadcast(t, src=0)
-    return bool(t.item())
-
-
 def cleanup(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -135,11 +135,12 @@ def _seed_everything(seed: int) -> None:
 
 
 def _data(cfg: PretrainConfig, out: Path, info: distributed.DistInfo):
+    from fastbert.data.corpus import BUILTIN
     from fastbert.data.prepare import load_prepared, prepare_corpus
 
     if cfg.data:
         return load_prepared(cfg.data)
-    corpus = cfg.corpus or ["builtin"]
+    corpus = cfg.corpus or [BUILTIN]
     data_dir = out / "data"
     if info.is_main:  # rank 0 prepares (or reuses); the others wait and load
         prepare_corpus(corpus, data_dir, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size)

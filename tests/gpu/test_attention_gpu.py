@@ -18,7 +18,7 @@ from tests.spies import count_calls
 pytestmark = pytest.mark.gpu
 
 fa = pytest.importorskip("fastbert.kernels.flash_attention")
-attention_module = importlib.import_module("fastbert.ops.attention")
+attention_module = importlib.import_module("fastbert.ops.flash_attention")
 
 FACTOR = 3.0
 

@@ -77,7 +77,7 @@ def test_weight_gradients_are_deterministic():
 
 
 def test_auto_backend_takes_the_kernels_for_cuda_tensors(monkeypatch):
-    import fastbert.kernels.bias_gelu as gelu_kernels
+    import fastbert.kernels.gelu as gelu_kernels
     import fastbert.kernels.layer_norm as ln_kernels
 
     calls = []

@@ -10,7 +10,7 @@ from tests.spies import count_calls
 pytestmark = pytest.mark.gpu
 
 # The kernel launchers a fused training step calls: (module in fastbert.kernels, forward launcher).
-FUSED_FORWARDS = [("flash_attention", "forward"), ("layer_norm", "layer_norm_fwd"), ("bias_gelu", "bias_gelu_fwd")]
+FUSED_FORWARDS = [("flash_attention", "forward"), ("layer_norm", "layer_norm_fwd"), ("gelu", "bias_gelu_fwd")]
 
 
 @pytest.fixture

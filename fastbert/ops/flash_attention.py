@@ -26,21 +26,17 @@ from fastbert._validation import (
     check_same,
     value_checks_cheap,
 )
+from fastbert.kernels import limits  # triton-free
 from fastbert.ops._triton import philox_seed
-
-# What the Triton kernel takes: head dims are padded up to a power-of-two block with masked loads.
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-KERNEL_HEAD_DIM_MULTIPLE = 8
-KERNEL_MAX_HEAD_DIM = 128
 
 
 def kernel_unsupported_reason(head_dim: int, dtype: torch.dtype) -> str:
     """Why the Triton kernel cannot take this head dim / dtype ("" when it can)."""
-    if dtype not in KERNEL_DTYPES:
+    if dtype not in limits.KERNEL_DTYPES:
         return f"dtype {dtype} (the kernel takes float16, bfloat16 or float32)"
-    if head_dim % KERNEL_HEAD_DIM_MULTIPLE or head_dim > KERNEL_MAX_HEAD_DIM:
-        return (f"head_dim {head_dim} (the kernel takes multiples of {KERNEL_HEAD_DIM_MULTIPLE} up to "
-                f"{KERNEL_MAX_HEAD_DIM}: 8, 16, 32, 40, 64, 80, 96, 128, ...)")
+    if head_dim % limits.ATTENTION_HEAD_DIM_MULTIPLE or head_dim > limits.ATTENTION_MAX_HEAD_DIM:
+        return (f"head_dim {head_dim} (the kernel takes multiples of {limits.ATTENTION_HEAD_DIM_MULTIPLE} up to "
+                f"{limits.ATTENTION_MAX_HEAD_DIM}: 8, 16, 32, 40, 64, 80, 96, 128, ...)")
     return ""
 
 
