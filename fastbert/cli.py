@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
+
+from fastbert import options
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -42,91 +43,20 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from fastbert.pretrain.trainer import PretrainConfig, pretrain
+    from fastbert.pretrain.config import PretrainConfig
+    from fastbert.pretrain.trainer import pretrain
 
-    fields = {f for f in PretrainConfig.__dataclass_fields__}
-    config = PretrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    result = pretrain(config)
+    result = pretrain(options.from_args(PretrainConfig, args))
     if not result.interrupted:
         return 0
     return 143 if result.signal == "SIGTERM" else 130  # 128 + the signal number, as shells report it
 
 
-def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastbert.pretrain.trainer import PretrainConfig
-
-    d = PretrainConfig()
-    a = parser.add_argument
-    a("--model", default=d.model, help="preset name (bert-tiny, bert-base-uncased, ...) or a checkpoint dir")
-    a("--corpus", nargs="+", default=None, help="text/.jsonl files or dirs, a datasets dir, or 'builtin' (default)")
-    a("--data", default=None, help="a data dir made by `fastbert prepare` (instead of --corpus)")
-    a("--out", default=d.out, help="output dir: data/, checkpoints/, metrics.jsonl, final/")
-    a("--max-steps", type=int, default=d.max_steps)
-    a("--batch-size", type=int, default=d.batch_size, help="sequences per device per micro-step")
-    a("--grad-accum", type=int, default=d.grad_accum)
-    a("--seq-len", type=int, default=d.seq_len)
-    a("--lr", type=float, default=None, help="peak learning rate (default 2e-2 LAMB: tuned for bert-tiny at batch 32; 5e-4 AdamW)")
-    a("--warmup", type=float, default=d.warmup, help="< 1: fraction of max steps; >= 1: steps")
-    a("--schedule", choices=("linear", "poly"), default=d.schedule)
-    a("--optimizer", choices=("lamb", "adamw"), default=d.optimizer)
-    a("--weight-decay", type=float, default=d.weight_decay)
-    a("--clip", type=float, default=d.clip, help="global gradient-norm clip (0: off)")
-    a("--precision", choices=("auto", "bf16", "fp16", "fp32"), default=d.precision,
-      help="auto: bf16 on GPU (fp16 + GradScaler where bf16 is missing), fp32 on CPU")
-    a("--seed", type=int, default=d.seed)
-    a("--log-every", type=int, default=d.log_every)
-    a("--save-every", type=int, default=d.save_every)
-    a("--keep", type=int, default=d.keep, help="checkpoints to keep")
-    a("--eval-every", type=int, default=d.eval_every)
-    a("--eval-batches", type=int, default=d.eval_batches, help="held-out batches per eval (collated once)")
-    a("--eval-fraction", type=float, default=d.eval_fraction,
-      help="fraction of the documents held out for eval (spread over the corpus, never trained on)")
-    a("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
-    a("--stop-at", type=int, default=None,
-      help="stop after this step with a checkpoint (for time-limited jobs); --resume continues to --max-steps")
-    a("--whole-word-mask", action="store_true")
-    a("--packing", action="store_true", help="pack several pairs per row (needs the unpadded encoder)")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--backend", choices=("auto", "triton", "torch"), default=d.backend)
-    a("--device", choices=("auto", "cuda", "cpu"), default=d.device)
-    a("--num-workers", type=int, default=d.num_workers, help="DataLoader worker processes")
-    a("--vocab-size", type=int, default=d.vocab_size, help="WordPiece size when a vocabulary is trained")
-    a("--tokenizer", default=None, help="vocab.txt or tokenizer.json to use instead of training one")
-    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
-
 def _finetune(args: argparse.Namespace) -> int:
     from fastbert.finetune import FinetuneConfig, run_finetune
 
-    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    run_finetune(FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    run_finetune(options.from_args(FinetuneConfig, args))
     return 0
-
-
-def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastbert.device import DEVICES_HELP, PRECISIONS
-    from fastbert.finetune import FinetuneConfig
-
-    # The defaults are FinetuneConfig's (it has required fields, so read them off the dataclass).
-    d = {f.name: f.default for f in dataclasses.fields(FinetuneConfig) if f.default is not dataclasses.MISSING}
-    a = parser.add_argument
-    a("--model", required=True, help="checkpoint directory (config.json, weights, tokenizer.json or vocab.txt)")
-    a("--train", required=True, help="training examples: .csv, .tsv (header line) or .jsonl")
-    a("--eval", required=True, help="evaluation examples, same format and columns")
-    a("--output", default=d["output"], help="where to save the model (default: ./<model>-finetuned)")
-    a("--text-col", default=d["text_col"], help=f"column with the text (default: {d['text_col']})")
-    a("--text-pair-col", default=d["text_pair_col"], help="column with the second text of a pair, if any")
-    a("--label-col", default=d["label_col"], help=f"column with the label (default: {d['label_col']})")
-    a("--epochs", type=int, default=d["epochs"])
-    a("--lr", type=float, default=d["lr"], help="peak learning rate (AdamW, linear schedule)")
-    a("--warmup-ratio", type=float, default=d["warmup_ratio"], help="fraction of the steps spent warming up")
-    a("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay (not on biases/LayerNorm)")
-    a("--batch-size", type=int, default=d["batch_size"])
-    a("--seq-len", type=int, default=d["seq_len"], help="longest input in tokens; longer ones are cut")
-    a("--precision", default=d["precision"], choices=PRECISIONS,
-      help="auto: bf16 autocast on a GPU that has it, fp16 + GradScaler on one that has not, fp32 on the CPU")
-    a("--device", default=d["device"], help=DEVICES_HELP)
-    a("--seed", type=int, default=d["seed"])
-    a("--max-steps", type=int, default=d["max_steps"], help="stop after this many optimizer steps")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,9 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="replace an output folder prepared from other inputs or settings")
     prepare.set_defaults(run=_prepare)
 
+    from fastbert.pretrain.config import PretrainConfig
+
     pretrain = commands.add_parser("pretrain", help="pre-train BERT (MLM + NSP); no arguments: bert-tiny on the "
                                                     "built-in corpus on this machine for a few minutes")
-    _add_pretrain_arguments(pretrain)
+    options.add_options(pretrain, PretrainConfig)
     pretrain.set_defaults(run=_pretrain)
 
     from fastbert.benchmarks.runner import add_arguments  # argparse only: no torch work at import
@@ -173,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune", help="fine-tune a BERT checkpoint for text classification on CSV/TSV/JSONL files",
         description="Train a classifier on the checkpoint's encoder, report eval accuracy per epoch and save a "
                     "directory that transformers loads (BertForSequenceClassification).")
-    _add_finetune_arguments(finetune)
+    from fastbert.finetune import FinetuneConfig
+
+    options.add_options(finetune, FinetuneConfig)
     finetune.set_defaults(run=_finetune)
     return parser
 

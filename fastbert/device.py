@@ -12,6 +12,7 @@ import torch
 
 DEVICES_HELP = "auto | cpu | cuda | cuda:N"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISION_HELP = "auto: bf16 autocast on a GPU that has it, fp16 + GradScaler on one that has not, fp32 on the CPU"
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -57,11 +58,10 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
-    def grad_scaler(self, init_scale: float = 2.0**16) -> torch.amp.GradScaler | None:
-        """A GradScaler under fp16 (CUDA or CPU alike), None otherwise: bf16 and fp32 need no scaling."""
-        if self.name != "fp16":
-            return None
-        return torch.amp.GradScaler(self.device_type, init_scale=init_scale)
+    def grad_scaler(self, init_scale: float = 2.0**16) -> torch.amp.GradScaler:
+        """A GradScaler, enabled under fp16 only (CUDA or CPU alike): bf16 and fp32 need no scaling, and a
+        disabled scaler passes the loss, the gradients and the optimizer step through unchanged."""
+        return torch.amp.GradScaler(self.device_type, init_scale=init_scale, enabled=self.name == "fp16")
 
 
 def resolve_precision(requested: str, device: torch.device) -> Precision:

@@ -2,9 +2,14 @@
 
 Reads labelled examples, tokenizes them with the checkpoint's own tokenizer files (``tokenizer.json``
 or ``vocab.txt``, through the ``tokenizers`` package: transformers is not needed), fine-tunes
-:class:`fastbert.BertForSequenceClassification` (AdamW, linear warm-up and decay, gradient clipping,
-optional bf16/fp16 autocast), reports eval accuracy after every epoch and saves a directory that
-transformers loads (config with ``id2label``, ``model.safetensors``, the tokenizer files).
+:class:`fastbert.BertForSequenceClassification` with the training core pre-training uses
+(:mod:`fastbert.training`: AdamW, linear warm-up and decay, gradient clipping, bf16/fp16 autocast, the
+divergence rule), reports eval accuracy after every epoch and saves a directory that transformers
+loads (config with ``id2label``, ``model.safetensors``, the tokenizer files), atomically: a failed save
+leaves the previous output as it was.
+
+The training loop reads nothing from the device per step: losses are summed on the device and read,
+with the divergence flags, once per epoch.
 """
 from __future__ import annotations
 
@@ -22,54 +27,43 @@ import torch
 
 from fastbert import weights
 from fastbert.config import BertConfig
-from fastbert.device import PRECISIONS, resolve_device, resolve_precision
+from fastbert.device import DEVICES_HELP, PRECISION_HELP, PRECISIONS, resolve_device, resolve_precision
 from fastbert.modeling import BertForSequenceClassification
-from fastbert.pretrain.optim import build_optimizer
-from fastbert.pretrain.schedule import build_scheduler, warmup_steps
+from fastbert.options import check_options, option
+from fastbert.training.export import check_replaceable, export_folder
+from fastbert.training.optim import build_optimizer
+from fastbert.training.schedule import build_scheduler, warmup_steps
+from fastbert.training.update import Updater
 
 logger = logging.getLogger("fastbert")
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+MODEL_FILES = ("config.json", "model.safetensors")  # what save_pretrained writes
 _JSON_LINES = (".jsonl", ".ndjson", ".json")
 
 
 @dataclass
 class FinetuneConfig:
-    model: str  # checkpoint directory: config.json + weights + tokenizer.json or vocab.txt
-    train: str
-    eval: str
-    output: str | None = None  # default: ./<model dir name>-finetuned
-    text_col: str = "text"
-    text_pair_col: str | None = None
-    label_col: str = "label"
-    epochs: int = 3
-    lr: float = 5e-5
-    batch_size: int = 32
-    seq_len: int = 128
-    precision: str = "auto"  # auto: bf16 on a GPU that has it, fp16 on one that has not, fp32 on the CPU
-    device: str = "auto"
-    seed: int = 0
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
+    model: str = option(help="checkpoint directory (config.json, weights, tokenizer.json or vocab.txt)")
+    train: str = option(help="training examples: .csv, .tsv (header line) or .jsonl")
+    eval: str = option(help="evaluation examples, same format and columns")
+    output: str | None = option(None, help="where to save the model (default: ./<model>-finetuned)")
+    text_col: str = option("text", help="column with the text")
+    text_pair_col: str | None = option(None, help="column with the second text of a pair, if any")
+    label_col: str = option("label", help="column with the label")
+    epochs: int = option(3, help="passes over the training examples", at_least=1)
+    lr: float = option(5e-5, help="peak learning rate (AdamW, linear schedule)", above=0)
+    batch_size: int = option(32, help="examples per optimizer step", at_least=1)
+    seq_len: int = option(128, help="longest input in tokens ([CLS] text [SEP]); longer ones are cut", at_least=3)
+    precision: str = option("auto", help=PRECISION_HELP, choices=PRECISIONS)
+    device: str = option("auto", help=DEVICES_HELP)
+    seed: int = option(0, help="seed of the classifier's weights, the shuffling and dropout")
+    weight_decay: float = option(0.01, help="AdamW weight decay (not on biases/LayerNorm)", at_least=0)
+    warmup_ratio: float = option(0.1, help="fraction of the steps spent warming up", at_least=0, below=1)
+    max_steps: int | None = option(None, help="stop after this many optimizer steps (smoke runs)", at_least=1)
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.seq_len < 3:
-            raise ValueError(f"--seq-len must be at least 3 ([CLS] text [SEP]), got {self.seq_len}")
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be positive, got {self.lr!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ValueError(f"--max-steps must be a positive integer, got {self.max_steps!r}")
+        check_options(self)
 
 
 @dataclass
@@ -279,17 +273,18 @@ class Encoded:
     labels: torch.Tensor  # int64 (n,)
 
 
-def encode(tokenizer, examples: list[Example], labels: list[str], config: BertConfig) -> Encoded:
+def encode(tokenizer, examples: list[Example], labels: list[str], model_config: BertConfig) -> Encoded:
     inputs = [(e.text, e.pair) if e.pair is not None else e.text for e in examples]
     encodings = tokenizer.encode_batch(inputs)
     ids = [enc.ids for enc in encodings]
     type_ids = [enc.type_ids for enc in encodings]
     top_id = max(max(x, default=0) for x in ids)
-    if top_id >= config.vocab_size:
-        raise ValueError(f"the tokenizer produced token id {top_id}, but the model's vocab_size is {config.vocab_size}: "
+    if top_id >= model_config.vocab_size:
+        raise ValueError(f"the tokenizer produced token id {top_id}, but the model's vocab_size is {model_config.vocab_size}: "
                          "the tokenizer files do not belong to this checkpoint")
-    if max(max(t, default=0) for t in type_ids) >= config.type_vocab_size:
-        raise ValueError(f"text pairs need token type 1, but the model has type_vocab_size={config.type_vocab_size}")
+    if max(max(t, default=0) for t in type_ids) >= model_config.type_vocab_size:
+        raise ValueError("text pairs need token type 1, but the model has type_vocab_size="
+                         f"{model_config.type_vocab_size}")
     index = {label: i for i, label in enumerate(labels)}
     return Encoded(ids, type_ids, torch.tensor([index[e.label] for e in examples], dtype=torch.long))
 
@@ -315,12 +310,13 @@ def collate(data: Encoded, rows: torch.Tensor, pad_id: int) -> dict[str, torch.T
 def load_model(model_dir: Path, labels: list[str]) -> BertForSequenceClassification:
     """A classifier for ``labels`` on the checkpoint's encoder. Pre-training heads in the checkpoint are
     ignored; a classifier trained for other labels is replaced by a fresh one."""
-    config = BertConfig.from_pretrained(model_dir)
-    extra = dict(config.extra)
+    model_config = BertConfig.from_pretrained(model_dir)
+    extra = dict(model_config.extra)
     extra["id2label"] = {str(i): label for i, label in enumerate(labels)}
     extra["label2id"] = {label: i for i, label in enumerate(labels)}
-    config = config.replace(num_labels=len(labels), problem_type="single_label_classification", extra=extra)
-    model = BertForSequenceClassification(config)
+    model_config = model_config.replace(num_labels=len(labels), problem_type="single_label_classification",
+                                        extra=extra)
+    model = BertForSequenceClassification(model_config)
     state = weights.read_state_dict(model_dir)
     own = model.state_dict()
     for key in [k for k in state if k.startswith("classifier.")]:
@@ -357,85 +353,81 @@ def evaluate(model: BertForSequenceClassification, data: Encoded, batch_size: in
 # ---------------------------------------------------------------------------------------------------
 # The job
 # ---------------------------------------------------------------------------------------------------
-def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
-    cfg.validate()
-    model_dir = Path(cfg.model)
+def run_finetune(config: FinetuneConfig) -> FinetuneResult:
+    config.validate()
+    model_dir = Path(config.model)
     if not model_dir.is_dir():
-        raise FileNotFoundError(f"--model {cfg.model!r} is not a checkpoint directory")
-    train_examples = read_examples(cfg.train, cfg.text_col, cfg.text_pair_col, cfg.label_col)
-    eval_examples = read_examples(cfg.eval, cfg.text_col, cfg.text_pair_col, cfg.label_col)
+        raise FileNotFoundError(f"--model {config.model!r} is not a checkpoint directory")
+    output = Path(config.output) if config.output else Path.cwd() / f"{model_dir.resolve().name}-finetuned"
+    tokenizer_files = [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
+    saved_files = (*MODEL_FILES, *(path.name for path in tokenizer_files))
+    check_replaceable(output, saved_files)  # before training: the save at the end must not be refused
+    train_examples = read_examples(config.train, config.text_col, config.text_pair_col, config.label_col)
+    eval_examples = read_examples(config.eval, config.text_col, config.text_pair_col, config.label_col)
     labels = label_set(train_examples)
     check_labels(eval_examples, labels)
 
-    config = BertConfig.from_pretrained(model_dir)
-    if cfg.seq_len > config.max_position_embeddings:
-        raise ValueError(f"--seq-len {cfg.seq_len} is longer than the model's max_position_embeddings "
-                         f"({config.max_position_embeddings})")
-    tokenizer = load_tokenizer(model_dir, cfg.seq_len)
+    model_config = BertConfig.from_pretrained(model_dir)
+    if config.seq_len > model_config.max_position_embeddings:
+        raise ValueError(f"--seq-len {config.seq_len} is longer than the model's max_position_embeddings "
+                         f"({model_config.max_position_embeddings})")
+    tokenizer = load_tokenizer(model_dir, config.seq_len)
     pad_id = tokenizer.token_to_id("[PAD]")
-    pad_id = config.pad_token_id if pad_id is None else pad_id
-    train_data = encode(tokenizer, train_examples, labels, config)
-    eval_data = encode(tokenizer, eval_examples, labels, config)
+    pad_id = model_config.pad_token_id if pad_id is None else pad_id
+    train_data = encode(tokenizer, train_examples, labels, model_config)
+    eval_data = encode(tokenizer, eval_examples, labels, model_config)
 
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
     model = load_model(model_dir, labels).to(device).train()
-    precision = resolve_precision(cfg.precision, device)
-    autocast, scaler = precision.autocast, precision.grad_scaler()
-    optimizer = build_optimizer(model, "adamw", cfg.lr, cfg.weight_decay, eps=1e-8)  # no decay on biases/LayerNorm
-    steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-    schedule = build_scheduler(optimizer, warmup=warmup_steps(cfg.warmup_ratio, total_steps), max_steps=total_steps,
-                               schedule="linear")
+    precision = resolve_precision(config.precision, device)
+    optimizer = build_optimizer(model, "adamw", config.lr, config.weight_decay, eps=1e-8)  # no decay on biases/LN
+    total_steps = math.ceil(len(train_examples) / config.batch_size) * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    scheduler = build_scheduler(optimizer, warmup=warmup_steps(config.warmup_ratio, total_steps),
+                                max_steps=total_steps, schedule="linear")
+    updater = Updater(model.parameters(), optimizer, scheduler, precision, clip=1.0, warmup_flag="--warmup-ratio")
     print(f"finetune: {model_dir} → {len(labels)} labels {labels}; {len(train_examples)} train / "
           f"{len(eval_examples)} eval examples; {total_steps} steps on {device}")
 
     result = FinetuneResult(labels=labels)
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    for epoch in range(1, cfg.epochs + 1):
-        start, losses, seen = time.perf_counter(), [], 0
-        order = torch.randperm(len(train_examples), generator=shuffle)
-        for rows in order.split(cfg.batch_size):
-            if result.steps >= total_steps:
+    shuffle = torch.Generator().manual_seed(config.seed)
+    for epoch in range(1, config.epochs + 1):
+        start, steps, seen = time.perf_counter(), 0, 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device, read once
+        for rows in torch.randperm(len(train_examples), generator=shuffle).split(config.batch_size):
+            if updater.step >= total_steps:
                 break
             batch = {k: v.to(device, non_blocking=True) for k, v in collate(train_data, rows, pad_id).items()}
-            with autocast():
+            with precision.autocast():
                 loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise ValueError(f"the loss became {loss.item()} at step {result.steps + 1}; lower --lr")
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-            losses.append(loss.item())
+            updater.backward(loss)
+            updater.update(loss.detach())
+            loss_sum += loss.detach()
+            steps += 1
             seen += len(rows)
-            result.steps += 1
+        updater.check_divergence(updater.loss_scale())  # the epoch's one read of the device flags
+        mean_loss = float(loss_sum) / max(steps, 1)
         seconds = time.perf_counter() - start
-        accuracy = evaluate(model, eval_data, cfg.batch_size, pad_id, device, autocast)
-        mean_loss = sum(losses) / max(len(losses), 1)
+        accuracy = evaluate(model, eval_data, config.batch_size, pad_id, device, precision.autocast)
         result.train_loss.append(mean_loss)
         result.eval_accuracy.append(accuracy)
-        print(f"epoch {epoch}/{cfg.epochs}: train loss {mean_loss:.4f}, eval accuracy {accuracy:.4f} "
+        print(f"epoch {epoch}/{config.epochs}: train loss {mean_loss:.4f}, eval accuracy {accuracy:.4f} "
               f"({round(accuracy * len(eval_examples))}/{len(eval_examples)}), {seen / seconds:,.0f} examples/s")
-        if result.steps >= total_steps:
+        if updater.step >= total_steps:
             break
+    result.steps = updater.step
 
-    output = Path(cfg.output) if cfg.output else Path.cwd() / f"{model_dir.resolve().name}-finetuned"
-    model.save_pretrained(output)
-    from fastbert.data.tokenizer import copy_tokenizer_files
+    updater.check_saveable()
+    check_replaceable(output, saved_files)
 
-    copy_tokenizer_files([model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()], output)
-    result.output = output
+    def write(folder: Path) -> None:
+        from fastbert.data.tokenizer import copy_tokenizer_files
+
+        model.save_pretrained(folder)
+        copy_tokenizer_files(tokenizer_files, folder)
+
+    result.output = export_folder(output, write)
     print(f"saved to {output} (transformers: BertForSequenceClassification.from_pretrained({str(output)!r}))")
     return result

@@ -206,7 +206,7 @@ def test_bad_options(tiny_checkpoint, tmp_path, capsys):
     two = write_csv(tmp_path / "two.csv", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
     common = ["--model", str(tiny_checkpoint), "--train", str(two), "--eval", str(two), "--seq-len", "32"]
     assert "--seq-len 65 is longer" in finetune_error(capsys, *common[:-2], "--seq-len", "65")
-    assert "--lr must be positive" in finetune_error(capsys, *common, "--lr", "0")
+    assert "--lr must be a positive number" in finetune_error(capsys, *common, "--lr", "0")
     assert "--epochs must be a positive integer" in finetune_error(capsys, *common, "--epochs", "0")
     # device and precision are resolved by fastbert.device, as for pretrain
     assert "device must be auto | cpu | cuda | cuda:N, got 'gpu0'" in finetune_error(capsys, *common, "--device", "gpu0")
@@ -303,7 +303,7 @@ def test_non_utf8_file_is_named(tiny_checkpoint, tmp_path, capsys):
 # ---- one schedule, one set of defaults -------------------------------------------------------------
 def test_learning_rate_follows_the_pretrain_schedule(tiny_checkpoint, tmp_path, monkeypatch):
     import fastbert.finetune as finetune_module
-    from fastbert.pretrain.schedule import lr_factor, warmup_steps
+    from fastbert.training.schedule import lr_factor, warmup_steps
 
     seen = []
 
@@ -315,12 +315,12 @@ def test_learning_rate_follows_the_pretrain_schedule(tiny_checkpoint, tmp_path, 
     build = finetune_module.build_optimizer
     monkeypatch.setattr(finetune_module, "build_optimizer", recording_optimizer)
     train = write_csv(tmp_path / "train.csv", generate(40, 1))
-    cfg = FinetuneConfig(model=str(tiny_checkpoint), train=str(train), eval=str(train), text_col="sentence",
-                         output=str(tmp_path / "out"), epochs=2, batch_size=8, seq_len=16, lr=1e-3, warmup_ratio=0.3)
-    run_finetune(cfg)
+    config = FinetuneConfig(model=str(tiny_checkpoint), train=str(train), eval=str(train), text_col="sentence",
+                            output=str(tmp_path / "out"), epochs=2, batch_size=8, seq_len=16, lr=1e-3, warmup_ratio=0.3)
+    run_finetune(config)
     total = 10  # 2 epochs of 5 batches
-    warmup = warmup_steps(cfg.warmup_ratio, total)
-    assert seen == pytest.approx([cfg.lr * lr_factor(s, warmup=warmup, max_steps=total, schedule="linear")
+    warmup = warmup_steps(config.warmup_ratio, total)
+    assert seen == pytest.approx([config.lr * lr_factor(s, warmup=warmup, max_steps=total, schedule="linear")
                                   for s in range(total)])
 
 
@@ -351,5 +351,77 @@ def test_precision_follows_the_shared_rule(tiny_checkpoint, tmp_path, monkeypatc
                                              text_col="sentence", output=str(tmp_path / precision), epochs=1,
                                              batch_size=8, seq_len=16, precision=precision, device="cpu"))
         assert result.steps == 2 and all(math.isfinite(x) for x in result.train_loss)
-    assert [(p.name, p.device_type, p.grad_scaler() is not None) for p in picked] == [("fp16", "cpu", True),
+    assert [(p.name, p.device_type, p.grad_scaler().is_enabled()) for p in picked] == [("fp16", "cpu", True),
                                                                                        ("fp32", "cpu", False)]
+
+
+# ---- the shared training core: divergence, host reads, the atomic save -------------------------------
+def _small_run(checkpoint, tmp_path, **overrides):
+    train = write_csv(tmp_path / "train.csv", generate(40, 1))
+    options = dict(model=str(checkpoint), train=str(train), eval=str(train), text_col="sentence",
+                   output=str(tmp_path / "out"), epochs=2, batch_size=8, seq_len=16, device="cpu")
+    options.update(overrides)
+    return FinetuneConfig(**options)
+
+
+def test_a_failed_save_leaves_the_previous_output_intact(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    import fastbert.data.tokenizer as tokenizer_module
+
+    first = run_finetune(_small_run(tiny_checkpoint, tmp_path, epochs=1))
+    before = {p.name: p.read_bytes() for p in first.output.iterdir()}
+
+    def disk_full(*args, **kwargs):  # the model is already written when the tokenizer copy fails
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tokenizer_module, "copy_tokenizer_files", disk_full)
+    config = _small_run(tiny_checkpoint, tmp_path, epochs=1, lr=1e-2, seed=1)  # other weights than the first run
+    err = finetune_error(capsys, "--model", config.model, "--train", config.train, "--eval", config.eval,
+                         "--text-col", "sentence", "--output", config.output, "--epochs", "1", "--batch-size", "8",
+                         "--seq-len", "16", "--lr", "1e-2", "--seed", "1")
+    assert "No space left on device" in err and str(first.output) in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in first.output.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+
+
+def test_output_holding_other_files_is_refused_before_training(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    config = _small_run(tiny_checkpoint, tmp_path)
+    err = finetune_error(capsys, "--model", config.model, "--train", config.train, "--eval", config.eval,
+                         "--text-col", "sentence", "--output", str(out), "--seq-len", "16")
+    assert "notes.txt" in err and "would delete" in err and "epoch" not in capsys.readouterr().out
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_a_diverging_run_stops_and_saves_nothing(tiny_checkpoint, tmp_path, capsys):
+    config = _small_run(tiny_checkpoint, tmp_path)
+    err = finetune_error(capsys, "--model", config.model, "--train", config.train, "--eval", config.eval,
+                         "--text-col", "sentence", "--output", config.output, "--seq-len", "16", "--lr", "1e30")
+    assert "diverged" in err and "NaN or infinite from step" in err and "--warmup-ratio" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_reads_nothing_from_the_device_per_step(tiny_checkpoint, tmp_path, monkeypatch):
+    """Every float/bool read of a tensor by fastbert's own code (a device sync on a GPU), counted: one
+    per epoch (the summed loss) and one before the save (the weights are finite); never one per step."""
+    import sys
+
+    reads = []
+    for name in ("item", "__float__", "__bool__", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if ("fastbert/finetune.py" in caller or "fastbert/training/" in caller) and \
+                    (self.is_floating_point() or self.dtype == torch.bool):
+                reads.append(caller)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    result = run_finetune(_small_run(tiny_checkpoint, tmp_path, epochs=2))  # 40 examples: 5 steps per epoch
+    monkeypatch.undo()
+    assert result.steps == 10 and len(reads) <= 2 + 1, reads

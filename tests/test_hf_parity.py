@@ -145,7 +145,7 @@ def test_pretraining_steps_follow_transformers(tmp_path):
     Forward parity alone would not catch a wrong gradient that still lets the loss fall (a plateau that
     is a bug, not the model); the trajectory over several updates would drift apart."""
     from fastbert.data import MLMCollator
-    from fastbert.pretrain.optim import build_optimizer
+    from fastbert.training.optim import build_optimizer
 
     hf = hf_model("BertForPreTraining", tmp_path, **ODD).train()
     ours = fastbert.BertForPreTraining.from_pretrained(tmp_path / "hf", strict=True).train()

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastbert.pretrain.optim import Lamb, build_optimizer, parameter_groups
-from fastbert.pretrain.schedule import build_scheduler, lr_factor, warmup_steps
+from fastbert.training.optim import Lamb, build_optimizer, parameter_groups
+from fastbert.training.schedule import build_scheduler, lr_factor, warmup_steps
 
 
 def reference_lamb_step(p, g, state, lr, beta1, beta2, eps, wd, adapt):

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from fastbert.cli import main as cli_main
-from fastbert.pretrain import checkpoint as ckpt
-from fastbert.pretrain.trainer import PretrainConfig, pretrain
+from fastbert.pretrain import checkpoint_files as ckpt
+from fastbert.pretrain.config import PretrainConfig
+from fastbert.pretrain.trainer import pretrain
 
 NOUNS = ["cat", "dog", "bird", "horse", "child", "teacher", "farmer", "river", "garden", "city"]
 VERBS = ["sees", "follows", "likes", "finds", "watches", "helps"]
@@ -264,7 +265,7 @@ class _CopyOrOracle(torch.nn.Module):
 
 
 def test_eval_separates_accuracy_at_mask_inputs_from_copyable_targets():
-    from fastbert.pretrain.trainer import evaluate
+    from fastbert.pretrain.objective import evaluate
 
     mask = 3
     # Row 0: targets at positions 1 ([MASK]), 2 (kept: input == label) and 3 (random replacement).

@@ -19,10 +19,10 @@ import torch
 from fastbert import backend
 from fastbert.cli import main as cli_main
 from fastbert.modeling import BertForPreTraining
-from fastbert.pretrain import checkpoint as ckpt
-from fastbert.pretrain import trainer
+from fastbert.pretrain import checkpoint_files as ckpt
 from fastbert.pretrain.lock import FolderLockedError
 from fastbert.pretrain.trainer import pretrain
+from fastbert.training import update
 from tests.test_pretrain import config, data_dir, read_metrics  # noqa: F401  (data_dir is a fixture)
 
 
@@ -296,7 +296,7 @@ def test_backend_choice_does_not_leak_into_the_environment(tmp_path, data_dir, m
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # a skipped first step
 def test_fp16_on_cpu_counts_every_skip_saves_the_scale_and_resumes_exactly(tmp_path, data_dir, monkeypatch):  # noqa: F811
     init = 2.0**20  # fp16 gradients overflow at first: the scaler skips steps, halving the scale each time
-    monkeypatch.setattr(trainer, "FP16_INIT_SCALE", init)
+    monkeypatch.setattr(update, "FP16_INIT_SCALE", init)
     scale_reads = []
     real_get_scale = torch.amp.GradScaler.get_scale
     monkeypatch.setattr(torch.amp.GradScaler, "get_scale", lambda self: scale_reads.append(1) or real_get_scale(self))

@@ -1,1 +1,2 @@
-"""Pre-training: the training loop, LAMB/AdamW, schedules, checkpoints, DDP."""
+"""Pre-training: the loop (``trainer``), its flags (``config``), BERT's MLM + NSP objective, the batches,
+checkpoints, DDP. The optimizers, schedules and the update step are ``fastbert.training``'s."""

@@ -1,277 +1,164 @@
-"""Training checkpoints: ``OUT/checkpoints/step_N/`` = an HF-loadable model (config.json +
-model.safetensors) + the trainer state (optimizer, scheduler, scaler, data position) + each rank's
-RNG states + ``manifest.json`` (size and SHA-256 of every other file, written last).
+"""The one owner of a pre-training run's files on disk besides its logs: ``OUT/checkpoints/`` (save,
+find and verify the point to resume from, keep the last K), ``OUT/run_config.json`` (what the run is,
+checked on resume) and the final export ``OUT/final/``.
 
-Writing: into a hidden temporary folder, renamed into place once complete, so a save killed midway
-leaves the previous checkpoints as they were; the last K are kept.
-Reading runs no code: the trainer state and RNG files hold only tensors, numbers, strings, lists and
-dicts and are read with ``torch.load(weights_only=True)``. A checkpoint is used only once every file
-matches the manifest and every tensor has the shape the model config implies; one that fails is
-reported, moved aside as ``step_N.corrupt`` (never counted by ``--keep``) and an older one is tried.
+A checkpoint is written by every rank (its RNG state) and rank 0 (the rest) into a hidden folder and
+renamed into place once complete; it is used on ``--resume`` only once every file matches its manifest
+and every tensor has the shape this run's model and optimizer have. A newer one that fails is reported
+by name and moved aside as ``step_N.corrupt`` (never counted by ``--keep``); an older one is tried.
+Nothing diverged is saved: the updater's divergence flags and the weights are checked before each save.
+The file format itself is :mod:`fastbert.pretrain.checkpoint_files`'.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import random
-import re
 import shutil
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 
-from fastbert._hashing import file_sha256
+from fastbert import weights
+from fastbert.config import BertConfig
+from fastbert.pretrain import checkpoint_files as files
+from fastbert.pretrain import distributed
+from fastbert.pretrain.checkpoint_files import CheckpointError, ExpectedShapes, LoadedCheckpoint
+from fastbert.pretrain.config import PretrainConfig
+from fastbert.pretrain.distributed import log
+from fastbert.pretrain.rng import load_rng_state, save_rng_state, set_rng_state
+from fastbert.training.export import export_folder, remove_stale_staging
+from fastbert.training.update import Updater
 
-TRAINER_STATE = "trainer_state.pt"
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-_REQUIRED = ("config.json", "model.safetensors", TRAINER_STATE)
-
-
-class CheckpointError(ValueError):
-    """No usable checkpoint: the message names what is wrong."""
-
-
-# --- RNG state -------------------------------------------------------------------------------------
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states, as Python/NumPy/torch return them."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), **torch_rng_state()}
+RUN_CONFIG = "run_config.json"
 
 
-def torch_rng_state() -> dict[str, Any]:
-    """Only torch's CPU and CUDA generators (what dropout draws from): a few microseconds, no device sync."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+class Checkpointer:
+    def __init__(self, config: PretrainConfig, info: distributed.DistInfo, data):
+        self.config = config
+        self.info = info
+        self.data = data
+        self.out = Path(config.out)
+        self.root = self.out / "checkpoints"
+        self.final_dir = self.out / "final"
+        self.saved_step = 0  # the step of the newest checkpoint on disk (0: none)
 
+    # --- before the model is built --------------------------------------------------------------------
+    def claim(self, model_config: BertConfig) -> None:
+        """Tidy the folder (we hold its lock) and check that this run may use it: without --resume it must
+        hold no checkpoints; with it, the run it holds must have this model config."""
+        if self.info.is_main:
+            files.remove_stale_staging(self.root)  # saves killed midway
+            remove_stale_staging(self.final_dir)   # exports killed midway
+        if not self.config.resume:
+            if files.step_dirs(self.root):
+                raise ValueError(f"{self.out} already holds checkpoints: pass --resume to continue, or choose "
+                                 "another --out")
+            return
+        saved = self.out / RUN_CONFIG
+        if saved.is_file():  # resuming into a folder trained with another architecture is a mistake
+            previous = json.loads(saved.read_text())["model_config"]
+            now = model_config.to_dict()
+            diffs = [k for k in sorted(set(previous) | set(now))
+                     if k != "architectures" and previous.get(k) != now.get(k)]
+            if diffs:
+                raise ValueError(f"{self.out} holds a run with a different model config ({', '.join(diffs)} differ); "
+                                 "use another --out or the same --model")
 
-def _plain_rng(state: dict[str, Any]) -> dict[str, Any]:
-    """The same states as plain tensors and numbers only (loadable with weights_only=True)."""
-    version, internal, gauss = state["python"]
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    plain = {"python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
-                        "gauss": gauss},
-             "numpy": {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "torch": state["torch"]}
-    if "cuda" in state:
-        plain["cuda"] = list(state["cuda"])
-    return plain
+    # --- resume ---------------------------------------------------------------------------------------
+    def find_resume_point(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> LoadedCheckpoint | None:
+        """Under --resume, the newest checkpoint that verifies against ``model`` and ``optimizer`` (None:
+        start fresh); the newer corrupt ones are moved aside. Every rank chooses the same one."""
+        if not self.config.resume:
+            return None
+        corrupt: list[Path] = []
+        resumed = files.latest_valid(self.root, lambda message: log(self.info, f"warning: {message}"),
+                                     ExpectedShapes.of(model, optimizer), corrupt)
+        if resumed is None:
+            if files.step_dirs(self.root):
+                raise CheckpointError(f"no valid checkpoint under {self.root}: all are corrupt")
+            log(self.info, f"--resume: no checkpoint under {self.root} yet, starting fresh")
+            return None
+        if resumed.trainer_state["world_size"] != self.info.world_size:
+            raise ValueError(f"{resumed.path} was written by {resumed.trainer_state['world_size']} processes; "
+                             f"resume it with the same number (got {self.info.world_size})")
+        saved = resumed.trainer_state.get("data") or {}
+        if saved.get("vocab_sha256") != self.data.vocab_sha256:
+            # Weights trained on one vocabulary are meaningless under another of the same size.
+            raise ValueError(f"{resumed.path} was trained on the vocabulary of {saved.get('dir', 'another data dir')}, "
+                             f"but {self.data.data_dir} has a different vocabulary: resume with the same --data, "
+                             "or start a new run in another --out")
+        distributed.barrier(self.info)  # every rank has chosen before rank 0 renames anything
+        if self.info.is_main:
+            for path in corrupt:
+                log(self.info, f"moved the corrupt {path.name} aside to {files.move_aside(path).name}")
+        return resumed
 
+    def record_run(self, model_config: BertConfig) -> None:
+        """``OUT/run_config.json``: this run's flags and model config (what :meth:`claim` checks next time)."""
+        if self.info.is_main:
+            from fastbert._atomic import atomic_write_text
 
-def save_rng_state(state: dict[str, Any], path: Path) -> None:
-    torch.save(_plain_rng(state), path)
+            atomic_write_text(self.out / RUN_CONFIG, json.dumps(
+                {"pretrain": dataclasses.asdict(self.config), "model_config": model_config.to_dict()}, indent=2))
 
+    def restore(self, resumed: LoadedCheckpoint, model: torch.nn.Module, updater: Updater) -> None:
+        """The checkpoint's weights into ``model`` and its optimizer, schedule and scaler into ``updater``."""
+        loaded = weights.load_state_dict_into(model, weights.read_state_dict(resumed.path),
+                                              tied_keys=model._tied_keys_now(), prefix=model.base_model_prefix + ".")
+        if loaded.missing_keys or loaded.unexpected_keys:
+            raise CheckpointError(f"checkpoint {resumed.path} does not fit the model: {loaded.describe()}")
+        updater.load_state_dict(resumed.trainer_state, step=resumed.step)
+        self.saved_step = resumed.step
+        log(self.info, f"resumed from {resumed.path} at step {resumed.step}")
 
-def load_rng_state(path: Path) -> dict[str, Any]:
-    """Read a file written by :func:`save_rng_state` back into the form :func:`set_rng_state` takes."""
-    plain = torch.load(path, map_location="cpu", weights_only=True)
-    py, npy = plain["python"], plain["numpy"]
-    state = {"python": (py["version"], tuple(int(x) for x in py["internal"].tolist()), py["gauss"]),
-             "numpy": (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                       npy["cached_gaussian"]),
-             "torch": plain["torch"]}
-    if "cuda" in plain:
-        state["cuda"] = plain["cuda"]
-    return state
+    def restore_rng(self, resumed: LoadedCheckpoint) -> None:
+        """This rank's RNG states as they were at the save: the last thing before the loop, so that nothing
+        in the set-up shifts the dropout stream."""
+        set_rng_state(load_rng_state(resumed.path / files.rng_file(self.info.rank)))
 
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def rng_file(rank: int) -> str:
-    return f"rng_rank{rank}.pt"
-
-
-# --- the folder layout -----------------------------------------------------------------------------
-def step_dirs(checkpoint_root: Path) -> list[tuple[int, Path]]:
-    """Completed checkpoints (renamed into place), newest first. ``step_N.corrupt`` is not one."""
-    if not checkpoint_root.is_dir():
-        return []
-    found = []
-    for p in checkpoint_root.iterdir():
-        match = _STEP_DIR.match(p.name)
-        if match and p.is_dir():
-            found.append((int(match.group(1)), p))
-    return sorted(found, reverse=True)
-
-
-def staging_dir(checkpoint_root: Path, step: int) -> Path:
-    """A fresh hidden folder beside the checkpoints; every rank writes its RNG file into it."""
-    checkpoint_root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".tmp-step_{step}-", dir=checkpoint_root))
-
-
-def remove_stale_staging(checkpoint_root: Path, keep: Path | None = None) -> None:
-    """Drop the leftovers of saves killed midway (they only take disk space)."""
-    if checkpoint_root.is_dir():
-        for stale in checkpoint_root.glob(".tmp-step_*"):
-            if stale != keep:
-                shutil.rmtree(stale, ignore_errors=True)
-
-
-def write_manifest(staging: Path, step: int) -> None:
-    """Size and SHA-256 of every file in the folder; written last, so its presence means 'complete'."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in sorted(staging.iterdir()) if p.is_file() and p.name != MANIFEST}
-    text = json.dumps({"format": MANIFEST_FORMAT, "step": step, "files": files}, indent=1)
-    with open(staging / MANIFEST, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def publish(staging: Path, checkpoint_root: Path, step: int, keep: int) -> Path:
-    """Rename a complete staging folder to ``step_N`` and drop all but the newest ``keep``."""
-    final = checkpoint_root / f"step_{step}"
-    if final.exists():  # a re-run of the same step (e.g. after an interrupt): replace it whole
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    for _, old in step_dirs(checkpoint_root)[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
-    remove_stale_staging(checkpoint_root)
-    return final
-
-
-def move_aside(path: Path) -> Path:
-    """Rename a corrupt ``step_N`` to ``step_N.corrupt`` (kept for inspection, out of the --keep count)."""
-    target = path.with_name(f"{path.name}.corrupt")
-    n = 1
-    while target.exists():
-        n += 1
-        target = path.with_name(f"{path.name}.corrupt{n}")
-    os.replace(path, target)
-    return target
-
-
-# --- verification ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ExpectedShapes:
-    """What a checkpoint of this run must hold: the saved tensors' shapes by name, and the optimizer's
-    per-parameter state shapes by the optimizer's parameter index."""
-
-    model: dict[str, tuple[int, ...]]
-    optimizer: dict[int, tuple[int, ...]]
-
-
-@dataclass
-class LoadedCheckpoint:
-    path: Path
-    step: int
-    trainer_state: dict[str, Any]
-
-
-def _check_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        files = manifest["files"]
-        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
-            raise ValueError("unknown format")
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} is incomplete: {MANIFEST} is missing "
-                              "(an interrupted copy, or a checkpoint from an older fastbert)") from None
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {path} is corrupt: {MANIFEST} unreadable ({err})") from None
-    for name in _REQUIRED:
-        if name not in files:
-            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is not in its manifest")
-    for name, entry in files.items():
-        file = path / name
-        if Path(name).name != name:
-            raise CheckpointError(f"checkpoint {path} is corrupt: its manifest names {name!r}")
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
-        if file.stat().st_size != entry.get("bytes"):
-            raise CheckpointError(f"checkpoint {path} is corrupt: {name} has {file.stat().st_size} bytes, "
-                                  f"{entry.get('bytes')} were written")
-        if file_sha256(file) != entry.get("sha256"):
-            raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its checksum")
-    return files
-
-
-def _check_model_shapes(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
-            saved = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-    except Exception as err:  # safetensors raises its own error types for a malformed header
-        raise CheckpointError(f"checkpoint {path} is corrupt: model.safetensors unreadable "
-                              f"({type(err).__name__})") from None
-    missing = sorted(set(expected) - set(saved))
-    if missing:
-        raise CheckpointError(f"checkpoint {path} does not fit the model: model.safetensors lacks {missing[0]}"
-                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    for name, shape in saved.items():
-        if name not in expected:
-            raise CheckpointError(f"checkpoint {path} does not fit the model: unexpected tensor {name}")
-        if shape != expected[name]:
-            raise CheckpointError(f"checkpoint {path} does not fit the model: {name} has shape {list(shape)}, "
-                                  f"the config gives {list(expected[name])}")
-
-
-def _check_optimizer_shapes(path: Path, optimizer_state: Any, expected: dict[int, tuple[int, ...]]) -> None:
-    try:
-        indices = [i for group in optimizer_state["param_groups"] for i in group["params"]]
-        per_param = optimizer_state["state"]
-    except (KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {path} is corrupt: {TRAINER_STATE} holds no optimizer state") from None
-    if sorted(indices) != sorted(expected):
-        raise CheckpointError(f"checkpoint {path} does not fit the model: its optimizer has {len(indices)} "
-                              f"parameters, the model {len(expected)}")
-    for index, entries in per_param.items():
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != expected.get(index):
-                raise CheckpointError(f"checkpoint {path} does not fit the model: optimizer state {key} of "
-                                      f"parameter {index} has shape {list(value.shape)}, the parameter "
-                                      f"{list(expected.get(index, ()))}")
-
-
-def load_trainer_state(path: Path, expected: ExpectedShapes | None = None) -> dict[str, Any]:
-    """Verify one checkpoint folder and read its trainer state; CheckpointError says what is wrong."""
-    files = _check_manifest(path)
-    try:
-        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
-    except Exception as err:  # the unpickler refuses anything but plain data, with its own error types
-        raise CheckpointError(f"checkpoint {path} is corrupt or unsafe: cannot read {TRAINER_STATE} "
-                              f"({type(err).__name__})") from None
-    if not isinstance(state, dict) or not {"step", "optimizer", "world_size"} <= set(state):
-        raise CheckpointError(f"checkpoint {path} is corrupt: {TRAINER_STATE} lacks step/optimizer/world_size")
-    world_size = state["world_size"]
-    for rank in range(world_size if isinstance(world_size, int) else 0):
-        if rng_file(rank) not in files:
-            raise CheckpointError(f"checkpoint {path} is incomplete: {rng_file(rank)} is missing")
+    # --- save -----------------------------------------------------------------------------------------
+    def save(self, model: torch.nn.Module, updater: Updater, rng: dict[str, Any]) -> None:
+        """``checkpoints/step_N`` after the updater's step N, each rank storing its RNG state ``rng``; keeps
+        the newest --keep. A failed write leaves no staging behind and names the checkpoint."""
+        updater.check_saveable()
+        info, step = self.info, updater.step
+        staging = None
         try:
-            load_rng_state(path / rng_file(rank))
-        except Exception as err:  # refused by the safe unpickler, or not the layout save_rng_state writes
-            raise CheckpointError(f"checkpoint {path} is corrupt or unsafe: cannot read {rng_file(rank)} "
-                                  f"({type(err).__name__})") from None
-    if expected is not None:
-        _check_model_shapes(path, expected.model)
-        _check_optimizer_shapes(path, state["optimizer"], expected.optimizer)
-    return state
+            # Rank 0 makes the staging folder and every rank writes its RNG state into it.
+            staging = files.staging_dir(self.root, step) if info.is_main else None
+            if info.distributed:
+                holder = [str(staging) if staging else None]
+                torch.distributed.broadcast_object_list(holder, src=0)
+                staging = Path(holder[0])
+            save_rng_state(rng, staging / files.rng_file(info.rank))
+            distributed.barrier(info)
+            if info.is_main:
+                model.save_pretrained(staging)
+                state = {"step": step, **updater.state_dict(), "samples_per_rank": step * self.config.samples_per_step,
+                         "world_size": info.world_size, "pretrain_config": dataclasses.asdict(self.config),
+                         "data": {"dir": str(self.data.data_dir), "vocab_sha256": self.data.vocab_sha256}}
+                torch.save(state, staging / files.TRAINER_STATE)
+                files.write_manifest(staging, step)
+                files.publish(staging, self.root, step, self.config.keep)
+            distributed.barrier(info)
+        except BaseException as err:
+            if info.is_main and staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(err, OSError):
+                raise OSError(err.errno, f"cannot write checkpoint step_{step} ({err.strerror or err})",
+                              str(self.root)) from None
+            raise
+        self.saved_step = step
 
+    # --- the end --------------------------------------------------------------------------------------
+    def export_final(self, model: torch.nn.Module) -> Path:
+        """Model + tokenizer in ``OUT/final`` (rank 0, after the last save): what transformers loads."""
+        from fastbert.data.tokenizer import copy_tokenizer_files
 
-def latest_valid(checkpoint_root: Path, warn: Callable[[str], None], expected: ExpectedShapes | None = None,
-                 corrupt: list[Path] | None = None) -> LoadedCheckpoint | None:
-    """The newest checkpoint that verifies; each bad newer one is reported through ``warn`` by name (and
-    appended to ``corrupt``, for the caller to move aside)."""
-    for step, path in step_dirs(checkpoint_root):
-        try:
-            return LoadedCheckpoint(path, step, load_trainer_state(path, expected))
-        except CheckpointError as err:
-            warn(f"{err}; trying an older checkpoint")
-            if corrupt is not None:
-                corrupt.append(path)
-    return None
+        def write(folder: Path) -> None:
+            model.save_pretrained(folder)
+            # Full paths (relative to the working directory if the output is); an old tokenizer.json gets [CLS]/[SEP].
+            copy_tokenizer_files(self.data.tokenizer_files, folder)
+
+        return export_folder(self.final_dir, write)

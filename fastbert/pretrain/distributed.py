@@ -6,6 +6,7 @@ The same command runs on one device or many: `torchrun --nproc_per_node N -m fas
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,12 @@ def setup(device: str = "auto") -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch_device.type == "cuda" else "gloo")
     return DistInfo(rank, world_size, local_rank, torch_device)
+
+
+def log(info: DistInfo, message: str) -> None:
+    """A line on stderr, from rank 0 only."""
+    if info.is_main:
+        print(message, file=sys.stderr, flush=True)
 
 
 def barrier(info: DistInfo) -> None:

@@ -25,7 +25,8 @@ def kernel_launches(monkeypatch):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_short_run_on_gpu(tmp_path, precision, kernel_launches):
     from fastbert.data import prepare_corpus
-    from fastbert.pretrain.trainer import PretrainConfig, pretrain
+    from fastbert.pretrain.config import PretrainConfig
+    from fastbert.pretrain.trainer import pretrain
 
     corpus = tmp_path / "corpus.txt"
     words = "the quick brown fox jumps over a lazy dog near the quiet river bank".split()

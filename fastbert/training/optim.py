@@ -1,11 +1,13 @@
-"""Optimizers for BERT pre-training: LAMB (NVIDIA FusedLAMB semantics, written with torch._foreach_*)
-and AdamW, with BERT's parameter groups (no weight decay on biases and LayerNorm)."""
+"""Optimizers for pre-training and fine-tuning: LAMB (NVIDIA FusedLAMB semantics, written with
+torch._foreach_*) and AdamW, with BERT's parameter groups (no weight decay on biases and LayerNorm)."""
 from __future__ import annotations
 
 import math
 
 import torch
 from torch import nn
+
+OPTIMIZERS = ("lamb", "adamw")
 
 
 class Lamb(torch.optim.Optimizer):
@@ -102,6 +104,6 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     if name == "adamw":
         on_cuda = next(model.parameters()).is_cuda
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=on_cuda, foreach=None if on_cuda else True)
-    raise ValueError(f"optimizer must be 'lamb' or 'adamw', got {name!r}")
+    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+SCHEDULES = ("linear", "poly")
+
 
 def warmup_steps(warmup: float, max_steps: int) -> int:
     """``warmup`` < 1 is a fraction of max_steps; >= 1 a number of steps."""
@@ -26,7 +28,7 @@ def lr_factor(step: int, *, warmup: int, max_steps: int, schedule: str, power: f
         return remaining
     if schedule == "poly":
         return remaining**power
-    raise ValueError(f"schedule must be 'linear' or 'poly', got {schedule!r}")
+    raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, max_steps: int, schedule: str,

@@ -1,0 +1,125 @@
+"""The pre-training data path as the trainer uses it: the prepared corpus, BERT pairs, MLM masking
+seeded by the samples' indices, the DataLoader and the batches' move to the device.
+
+Every batch is a pure function of (seed, the sample indices): a resumed run, with any number of
+DataLoader workers, sees the batches and masks a straight run sees.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from fastbert.pretrain import distributed
+from fastbert.pretrain.config import PretrainConfig
+
+# What the model's forward takes from a collated batch (the collator adds bookkeeping beside them).
+MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label", "position_ids",
+              "indices", "cu_seqlens", "max_seqlen", "masked_positions")
+
+
+def load_data(config: PretrainConfig, out: Path, info: distributed.DistInfo):
+    """The prepared data: ``--data`` as it is, or ``--corpus`` prepared (or reused) in ``OUT/data``."""
+    from fastbert.data.corpus import BUILTIN
+    from fastbert.data.prepare import load_prepared, prepare_corpus
+
+    if config.data:
+        return load_prepared(config.data)
+    data_dir = out / "data"
+    if info.is_main:  # rank 0 prepares (or reuses); the others wait and load
+        prepare_corpus(config.corpus or [BUILTIN], data_dir, tokenizer=config.tokenizer, vocab_size=config.vocab_size)
+    distributed.barrier(info)
+    return load_prepared(data_dir)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in batch.items() if k in MODEL_KEYS and v is not None}
+
+
+def _collator(config: PretrainConfig, data, device: torch.device):
+    from fastbert import masking
+    from fastbert.data import MLMCollator
+
+    # [UNK] is masked like any other token, as in BERT; the other special tokens never are.
+    special = tuple(i for i in data.special_token_ids if i != data.unk_id)
+    is_continuation = None
+    if config.whole_word_mask:
+        is_continuation = masking.continuation_table(masking.read_vocab(Path(data.data_dir) / "vocab.txt"))
+    return MLMCollator(vocab_size=data.vocab_size, mask_token_id=data.mask_id, pad_token_id=data.pad_id,
+                       special_token_ids=special, is_continuation=is_continuation, max_len=config.seq_len,
+                       pad_to_multiple_of=8, mlm_probability=config.mlm_probability,
+                       whole_word_mask=config.whole_word_mask, packing=config.packing,
+                       # On a GPU the model then runs unpadded on metadata made in the workers: no device sync.
+                       return_unpad_metadata=config.packing or device.type == "cuda")
+
+
+class _IndexedDataset(torch.utils.data.Dataset):
+    """Yields (index, example) so the collate step can seed its masking from the sample indices."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return i, self.dataset[i]
+
+
+class _SeededCollate:
+    """MLM masking seeded by (run seed, the batch's sample indices): the masks of a batch do not depend
+    on worker processes or on how many batches came before, so a resumed run sees the same ones."""
+
+    def __init__(self, collator, seed: int):
+        self.collator = collator
+        self.seed = seed
+
+    def __call__(self, items):
+        indices = [i for i, _ in items]
+        batch_seed = (self.seed * 1_000_003 + indices[0] * 7_919 + len(indices)) % (2**62)
+        return self.collator([example for _, example in items], seed=batch_seed)
+
+
+def train_batches(config: PretrainConfig, data, info: distributed.DistInfo, step: int) -> tuple[Any, Iterator]:
+    """(the training pairs, an iterator over this rank's collated CPU batches from the sample after ``step``)."""
+    from fastbert.data.pairs import BertPairDataset, PretrainSampler
+
+    train_set = BertPairDataset(data.data_dir, config.seq_len, short_seq_prob=config.short_seq_prob,
+                                seed=config.seed, split="train", eval_fraction=config.eval_fraction)
+    collate = _SeededCollate(_collator(config, data, info.device), config.seed)
+    sampler = PretrainSampler(len(train_set), seed=config.seed, rank=info.rank, world_size=info.world_size,
+                              start_index=step * config.samples_per_step)
+    workers = config.num_workers
+    # Its own generator: creating the iterator must not draw from the global RNG (the dropout stream).
+    generator = torch.Generator().manual_seed(config.seed * 1009 + info.rank)
+    loader = torch.utils.data.DataLoader(
+        _IndexedDataset(train_set), batch_size=config.batch_size, sampler=sampler, collate_fn=collate,
+        generator=generator, num_workers=workers, pin_memory=info.device.type == "cuda",
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None, drop_last=True,
+    )
+    return train_set, iter(loader)
+
+
+def eval_batches(config: PretrainConfig, data, device: torch.device) -> list[dict]:
+    """The held-out batches, collated once (fixed masks, so evals along the run are comparable).
+
+    ``eval_batches * batch_size`` pairs. When the held-out documents hold fewer, further passes over
+    them draw new pairs (other starts, A/B cuts, random next sentences and masks), as BERT's
+    ``dupe_factor`` does for its training data."""
+    if not config.eval_batches:
+        return []
+    from fastbert.data.pairs import BertPairDataset
+
+    wanted = config.eval_batches * config.batch_size
+    pairs = []
+    for repeat in range(wanted):  # bounded: every pass adds at least one pair
+        eval_set = BertPairDataset(data.data_dir, config.seq_len, short_seq_prob=config.short_seq_prob,
+                                   seed=config.seed + 7_919 * repeat, split="eval", eval_fraction=config.eval_fraction)
+        pairs += [eval_set[i] for i in range(min(len(eval_set), wanted - len(pairs)))]
+        if len(pairs) == wanted:
+            break
+    eval_collate = _SeededCollate(_collator(config, data, device), config.seed + 1)
+    return [eval_collate(list(enumerate(pairs[s:s + config.batch_size], start=s)))
+            for s in range(0, len(pairs), config.batch_size)]

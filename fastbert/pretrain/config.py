@@ -1,0 +1,89 @@
+"""What a pre-training run is asked to do (:class:`PretrainConfig`, also the ``fastbert pretrain``
+flags) and what it reports back (:class:`PretrainResult`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastbert.backend import BACKENDS
+from fastbert.device import DEVICES_HELP, PRECISION_HELP, PRECISIONS
+from fastbert.options import check_options, option
+from fastbert.training.optim import OPTIMIZERS
+from fastbert.training.schedule import SCHEDULES
+
+# The tuned default peak lr per optimizer: 2e-2 for LAMB was measured best for bert-tiny at batch 32
+# (docs/pretrain_sweep.md); large models and batches want their own.
+DEFAULT_LR = {"lamb": 2e-2, "adamw": 5e-4}
+
+
+@dataclass
+class PretrainConfig:
+    model: str = option("bert-tiny", help="preset name (bert-tiny, bert-base-uncased, ...) or a checkpoint dir")
+    corpus: list[str] | None = option(
+        None, help="text/.jsonl files or dirs, a datasets dir, or 'builtin' (default); prepared into OUT/data")
+    data: str | None = option(None, help="a data dir made by `fastbert prepare` (instead of --corpus)")
+    out: str = option("runs/pretrain", help="output dir: data/, checkpoints/, metrics.jsonl, final/")
+    max_steps: int = option(1000, help="optimizer steps of the whole run", at_least=1)
+    batch_size: int = option(32, help="sequences per device per micro-step", at_least=1)
+    grad_accum: int = option(1, help="micro-steps per optimizer step (gradient accumulation)", at_least=1)
+    seq_len: int = option(128, help="tokens per training pair", at_least=8)
+    lr: float | None = option(None, above=0, help="peak learning rate (default 2e-2 LAMB: tuned for bert-tiny at "
+                                                  "batch 32; 5e-4 AdamW)")
+    warmup: float = option(0.06, help="< 1: fraction of max steps; >= 1: steps", at_least=0)
+    schedule: str = option("linear", help="decay to zero after the warmup", choices=SCHEDULES)
+    optimizer: str = option("lamb", help="LAMB (FusedLAMB semantics) or AdamW", choices=OPTIMIZERS)
+    weight_decay: float = option(0.01, help="weight decay (not on biases and LayerNorm)", at_least=0)
+    clip: float = option(1.0, help="global gradient-norm clip (0: off)", at_least=0)
+    precision: str = option("auto", help=PRECISION_HELP, choices=PRECISIONS)
+    seed: int = option(0, help="seed of the weights, data order, masks and dropout")
+    log_every: int = option(10, help="steps between metrics rows", at_least=1)
+    save_every: int = option(200, help="steps between checkpoints", at_least=1)
+    keep: int = option(3, help="checkpoints to keep", at_least=1)
+    eval_every: int = option(250, help="steps between held-out evals", at_least=1)
+    # 80 x 32 held-out pairs: the binomial standard error of NSP accuracy is <= 1 point (MLM: ~0.2).
+    eval_batches: int = option(80, help="held-out batches per eval (collated once)", at_least=0)
+    eval_fraction: float = option(0.05, above=0, below=1,
+                                  help="fraction of the documents held out for eval (spread over the corpus, "
+                                       "never trained on)")
+    resume: bool = option(False, help="continue from the newest valid checkpoint in --out")
+    stop_at: int | None = option(None, at_least=1, help="stop after this step with a checkpoint (for time-limited "
+                                                        "jobs); --resume continues to --max-steps")
+    whole_word_mask: bool = option(False, help="mask all pieces of a word together")
+    packing: bool = option(False, help="pack several pairs per row (needs the unpadded encoder)")
+    compile: bool = option(False, help="torch.compile the model")
+    backend: str = option("auto", help="the ops' implementation (as FASTBERT_BACKEND)", choices=BACKENDS)
+    device: str = option("auto", help=f"{DEVICES_HELP}; under torchrun a bare cuda is each rank's LOCAL_RANK GPU")
+    num_workers: int = option(2, help="DataLoader worker processes", at_least=0)
+    vocab_size: int = option(8192, help="WordPiece size when a vocabulary is trained", at_least=1)
+    tokenizer: str | None = option(None, help="vocab.txt or tokenizer.json to use instead of training one")
+    mlm_probability: float = option(0.15, help="fraction of the tokens masked", above=0, below=1, cli=False)
+    short_seq_prob: float = option(0.1, help="fraction of pairs cut short", at_least=0, at_most=1, cli=False)
+    progress: bool = option(True, help="no progress bar")
+
+    def validate(self) -> None:
+        check_options(self)
+        if self.stop_at is not None and self.stop_at > self.max_steps:
+            raise ValueError(f"--stop-at must be in [1, --max-steps={self.max_steps}], got {self.stop_at}")
+        if self.corpus and self.data:
+            raise ValueError("give either --corpus (prepared on the fly) or --data (already prepared), not both")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    @property
+    def samples_per_step(self) -> int:
+        """Training pairs per optimizer step on each rank."""
+        return self.batch_size * self.grad_accum
+
+
+@dataclass
+class PretrainResult:
+    out: Path
+    final_dir: Path | None
+    steps_done: int
+    losses: list[float] = field(default_factory=list)  # the loss of every logged step (rank-local)
+    last_eval: dict[str, float] | None = None
+    param_checksum: float = 0.0  # sum of all parameters (for checking ranks agree)
+    interrupted: bool = False  # stopped by Ctrl-C or a signal (not --stop-at)
+    signal: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped the run
