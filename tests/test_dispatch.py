@@ -1,9 +1,10 @@
 """The one way every Triton-backed op runs (fastbert/ops/_dispatch.py), checked op by op: eager calls go
 straight to the launchers, compiled graphs hold the custom ops, no autograd Function without a
-gradient, dropout seeds drawn inside the op, and what autocast does to each op's dtypes.
+gradient, dropout seeds drawn afresh in compiled graphs, and what autocast does to each op's dtypes.
 
 Runs on the CPU: the kernels under the Triton interpreter (tests/conftest.py), at tiny sizes.
 """
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -78,8 +79,6 @@ def case(request) -> Case:
 @pytest.fixture
 def launches(case, monkeypatch):
     """Counts of the case's forward and backward launcher calls."""
-    import importlib
-
     module = importlib.import_module(f"fastbert.kernels.{case.kernel_module}")
     return count_calls(monkeypatch, module, case.launchers)
 
@@ -186,9 +185,9 @@ def test_compiled_graphs_hold_the_custom_ops(case, launches):
 
 
 @pytest.mark.parametrize("name", DROPOUT_CASES)
-def test_compiled_dropout_draws_a_fresh_seed_per_call_inside_the_op(name):
-    """The seed is drawn inside the forward op: fullgraph compiles (no .item() on the host), every call
-    of the compiled function drops differently, and the same torch.manual_seed gives eager's mask."""
+def test_compiled_dropout_draws_a_fresh_seed_per_call(name):
+    """The seed is drawn by a torch random op in the graph: fullgraph compiles, every call of the
+    compiled function drops differently, and the same torch.manual_seed gives eager's mask."""
     case = CASES[name]
     inputs = case.inputs(requires_grad=False)
     torch._dynamo.reset()
@@ -201,6 +200,41 @@ def test_compiled_dropout_draws_a_fresh_seed_per_call_inside_the_op(name):
     torch._dynamo.reset()
     assert not torch.equal(first, second)
     torch.testing.assert_close(first, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", DROPOUT_CASES)
+def test_two_dropout_calls_in_one_graph_draw_two_masks_and_each_backward_reuses_its_own(name, monkeypatch):
+    """Two calls on the same inputs in one compiled graph are not merged into one (graph passes merge
+    identical calls of a custom op, never two random draws), and after the partitioner splits forward
+    and backward (min-cut, as inductor does) each backward launch gets its forward's seed."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    case = CASES[name]
+    module = importlib.import_module(f"fastbert.kernels.{case.kernel_module}")
+    seeds = {"forward": [], "backward": []}
+    for kind, launcher in zip(seeds, case.launchers):
+        original = getattr(module, launcher)
+
+        def recording(*args, _kind=kind, _original=original, **kwargs):
+            seeds[_kind].append(kwargs["seed"] if "seed" in kwargs else args[6 if _kind == "forward" else 7])
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, launcher, recording)
+    nop = aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward),
+                       bw_compiler=lambda g, _: make_boxed_func(g.forward),
+                       partition_fn=min_cut_rematerialization_partition)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *xs: case.call(*xs, dropout_p=0.5) - case.call(*xs, dropout_p=0.5),
+                             fullgraph=True, backend=nop)
+    inputs = case.inputs()
+    with backend.use("triton"):
+        difference = compiled(*inputs)
+        difference.backward(torch.ones_like(difference))
+    torch._dynamo.reset()
+    assert difference.abs().max() > 0
+    assert len(set(seeds["forward"])) == 2 and sorted(seeds["backward"]) == sorted(seeds["forward"])
 
 
 # ------------------------------------------------------------------------------------------- autocast

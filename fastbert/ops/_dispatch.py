@@ -17,9 +17,9 @@
 3. **Custom ops only while compiling.** Each kernel's host function (:func:`kernel_op`) is registered
    as the custom op ``fastbert::<name>`` with a fake implementation, so ``torch.compile`` traces it as
    one opaque node, without a graph break. Eager calls run the host function directly: a custom op's
-   Python dispatch costs about as much as the kernel at BERT sizes. A forward that drops out draws its
-   Philox seed inside the host function (:func:`dropout_seed`), so a compiled graph draws a fresh one
-   on every call, and returns it for the backward.
+   Python dispatch costs about as much as the kernel at BERT sizes. A kernel that drops out takes its
+   Philox seed as a tensor the public op draws with a torch random op (:func:`dropout_seed`), so a
+   compiled graph draws a fresh one on every call; the autograd Function saves it for the backward.
 4. **No autograd without a gradient.** :func:`run_kernel` builds the op's autograd Function (which
    saves what its backward needs) only when autograd would record the op: grad mode on and some tensor
    argument requiring grad. Otherwise the forward host function alone runs: no node, nothing saved.
@@ -48,25 +48,24 @@ def kernel_module(name: str) -> ModuleType:
 
 
 # --------------------------------------------------------------------------------------------- dropout
-def philox_seed() -> int:
-    """A fresh seed for a kernel's Philox dropout, drawn from torch's default CPU generator.
-
-    The CPU generator means no device sync, and ``torch.manual_seed`` reproduces the run. A kernel
-    derives each element's random number from (seed, element position), so its backward regenerates
-    the same mask from the same seed instead of storing it.
-    """
-    return int(torch.randint(0, SEED_LIMIT, (1,), dtype=torch.int64).item())
-
-
 def dropout_seed(dropout_p: float) -> torch.Tensor:
-    """The seed a forward host function draws and returns for its backward: an int64 (1,) CPU tensor
-    (a custom op can return it; an int it could not), 0 without dropout (no random number drawn)."""
-    return torch.tensor([philox_seed() if dropout_p > 0.0 else 0], dtype=torch.int64)
+    """A fresh seed for a kernel's Philox dropout: an int64 (1,) CPU tensor in [0, 2**31), drawn from
+    torch's default CPU generator; zero without dropout (no random number drawn).
+
+    The CPU generator means no device sync, and ``torch.manual_seed`` reproduces the run. A tensor from
+    a torch random op, not a Python int: inside a compiled graph it is drawn again on every call and
+    never merged with another draw (graph passes treat random ops so; two calls of a custom op on the
+    same arguments they would merge into one). A kernel derives each element's random number from
+    (seed, element position), so its backward regenerates the forward's mask from the saved seed.
+    """
+    if dropout_p > 0.0:
+        return torch.randint(0, SEED_LIMIT, (1,), dtype=torch.int64)
+    return torch.zeros((1,), dtype=torch.int64)
 
 
-def fake_seed() -> torch.Tensor:
-    """What :func:`dropout_seed` returns, for a fake implementation."""
-    return torch.empty((1,), dtype=torch.int64)
+def seed_value(seed: torch.Tensor) -> int:
+    """The seed as the launchers take it (in a host function, which runs eagerly)."""
+    return int(seed[0])
 
 
 # -------------------------------------------------------------------------------------------- autocast

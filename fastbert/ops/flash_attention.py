@@ -20,7 +20,14 @@ import torch.nn.functional as F
 from fastbert import backend
 from fastbert._validation import check_floating, check_mask_dtype, check_probability, check_same
 from fastbert.kernels import limits  # triton-free
-from fastbert.ops._dispatch import autocast_inputs, dropout_seed, fake_seed, kernel_module, kernel_op, run_kernel
+from fastbert.ops._dispatch import (
+    autocast_inputs,
+    dropout_seed,
+    kernel_module,
+    kernel_op,
+    run_kernel,
+    seed_value,
+)
 from fastbert.ops.padding import check_cu_seqlens
 
 
@@ -78,21 +85,20 @@ def _masked_softmax_attention(q, k, v, keep, dropout_p, scale):
 # Triton path: host functions (custom ops while compiling) and one autograd Function per layout
 # ---------------------------------------------------------------------------------------------------
 @kernel_op("flash_attention_fwd")
-def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-                   dropout_p: float, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out (B, L, H, D), lse fp32 (H, B*L), seed int64 (1,) on the CPU)."""
-    seed = dropout_seed(dropout_p)
-    out, lse = kernel_module("flash_attention").forward(q, k, v, key_padding_mask=key_padding_mask,
-                                                        softmax_scale=softmax_scale, dropout_p=dropout_p,
-                                                        seed=int(seed[0]))
-    return out, lse, seed
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor,
+                   key_padding_mask: Optional[torch.Tensor], dropout_p: float, softmax_scale: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out (B, L, H, D), lse fp32 (H, B*L)); ``seed``: :func:`dropout_seed`'s."""
+    return kernel_module("flash_attention").forward(q, k, v, key_padding_mask=key_padding_mask,
+                                                    softmax_scale=softmax_scale, dropout_p=dropout_p,
+                                                    seed=seed_value(seed))
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, dropout_p, softmax_scale):
+def _(q, k, v, seed, key_padding_mask, dropout_p, softmax_scale):
     batch, seqlen, heads, _ = q.shape
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-            torch.empty((heads, batch * seqlen), dtype=torch.float32, device=q.device), fake_seed())
+            torch.empty((heads, batch * seqlen), dtype=torch.float32, device=q.device))
 
 
 @kernel_op("flash_attention_bwd")
@@ -101,7 +107,7 @@ def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    dropout_p: float, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return kernel_module("flash_attention").backward(dout, q, k, v, out, lse, key_padding_mask=key_padding_mask,
                                                      softmax_scale=softmax_scale, dropout_p=dropout_p,
-                                                     seed=int(seed[0]))
+                                                     seed=seed_value(seed))
 
 
 @_attention_bwd.register_fake
@@ -110,22 +116,20 @@ def _(dout, q, k, v, out, lse, seed, key_padding_mask, dropout_p, softmax_scale)
 
 
 @kernel_op("flash_attention_varlen_fwd")
-def _attention_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                          max_seqlen: int, dropout_p: float, softmax_scale: float
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out (T, H, D), lse fp32 (H, T), seed int64 (1,) on the CPU)."""
-    seed = dropout_seed(dropout_p)
-    out, lse = kernel_module("flash_attention").forward(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                                        softmax_scale=softmax_scale, dropout_p=dropout_p,
-                                                        seed=int(seed[0]))
-    return out, lse, seed
+def _attention_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor,
+                          cu_seqlens: torch.Tensor, max_seqlen: int, dropout_p: float, softmax_scale: float
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out (T, H, D), lse fp32 (H, T)); ``seed``: :func:`dropout_seed`'s."""
+    return kernel_module("flash_attention").forward(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                                    softmax_scale=softmax_scale, dropout_p=dropout_p,
+                                                    seed=seed_value(seed))
 
 
 @_attention_varlen_fwd.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
+def _(q, k, v, seed, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
     total, heads, _ = q.shape
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-            torch.empty((heads, total), dtype=torch.float32, device=q.device), fake_seed())
+            torch.empty((heads, total), dtype=torch.float32, device=q.device))
 
 
 @kernel_op("flash_attention_varlen_bwd")
@@ -134,7 +138,7 @@ def _attention_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
                           dropout_p: float, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return kernel_module("flash_attention").backward(dout, q, k, v, out, lse, cu_seqlens=cu_seqlens,
                                                      max_seqlen=max_seqlen, softmax_scale=softmax_scale,
-                                                     dropout_p=dropout_p, seed=int(seed[0]))
+                                                     dropout_p=dropout_p, seed=seed_value(seed))
 
 
 @_attention_varlen_bwd.register_fake
@@ -146,8 +150,8 @@ class _FlashAttention(torch.autograd.Function):
     """Padded layout. Saves q, k, v, out, the log-sum-exp and the dropout seed; nothing of size L²."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, dropout_p, softmax_scale):
-        out, lse, seed = _attention_fwd(q, k, v, key_padding_mask, dropout_p, softmax_scale)
+    def forward(ctx, q, k, v, seed, key_padding_mask, dropout_p, softmax_scale):
+        out, lse = _attention_fwd(q, k, v, seed, key_padding_mask, dropout_p, softmax_scale)
         ctx.save_for_backward(q, k, v, out, lse, seed, key_padding_mask)
         ctx.dropout_p, ctx.softmax_scale = dropout_p, softmax_scale
         return out
@@ -157,15 +161,15 @@ class _FlashAttention(torch.autograd.Function):
         q, k, v, out, lse, seed, key_padding_mask = ctx.saved_tensors
         dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, seed, key_padding_mask, ctx.dropout_p,
                                     ctx.softmax_scale)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 class _FlashAttentionVarlen(torch.autograd.Function):
     """Unpadded layout; ``max_seqlen`` stays a Python int (no device sync, no graph break)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
-        out, lse, seed = _attention_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+    def forward(ctx, q, k, v, seed, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
+        out, lse = _attention_varlen_fwd(q, k, v, seed, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
         ctx.save_for_backward(q, k, v, out, lse, seed, cu_seqlens)
         ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale = max_seqlen, dropout_p, softmax_scale
         return out
@@ -175,16 +179,17 @@ class _FlashAttentionVarlen(torch.autograd.Function):
         q, k, v, out, lse, seed, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = _attention_varlen_bwd(dout, q, k, v, out, lse, seed, cu_seqlens, ctx.max_seqlen,
                                            ctx.dropout_p, ctx.softmax_scale)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _attention_triton(q, k, v, key_padding_mask, dropout_p, softmax_scale):
-    return run_kernel(_FlashAttention, _attention_fwd, q, k, v, key_padding_mask, dropout_p, softmax_scale)
+    return run_kernel(_FlashAttention, _attention_fwd, q, k, v, dropout_seed(dropout_p), key_padding_mask, dropout_p,
+                      softmax_scale)
 
 
 def _attention_varlen_triton(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
-    return run_kernel(_FlashAttentionVarlen, _attention_varlen_fwd, q, k, v, cu_seqlens, max_seqlen, dropout_p,
-                      softmax_scale)
+    return run_kernel(_FlashAttentionVarlen, _attention_varlen_fwd, q, k, v, dropout_seed(dropout_p), cu_seqlens,
+                      max_seqlen, dropout_p, softmax_scale)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from fastbert import backend
 from fastbert._validation import check_floating, check_probability, check_same
 from fastbert.kernels.limits import MAX_HIDDEN, dtype_unsupported  # triton-free
-from fastbert.ops._dispatch import dropout_seed, fake_seed, kernel_module, kernel_op, run_kernel
+from fastbert.ops._dispatch import dropout_seed, kernel_module, kernel_op, run_kernel, seed_value
 
 
 def dropout_add_layer_norm_reference(x, residual, weight, bias, eps=1e-12, dropout_p=0.0):
@@ -32,40 +32,38 @@ def dropout_add_layer_norm_reference(x, residual, weight, bias, eps=1e-12, dropo
 # ---------------------------------------------------------------------------------------------------
 @kernel_op("dropout_add_layer_norm_fwd")
 def _layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
-                    bias: Optional[torch.Tensor], eps: float, dropout_p: float, out_dtype: torch.dtype
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (y in out_dtype, mean fp32 (rows,), rstd fp32 (rows,), seed int64 (1,) on the CPU)."""
-    seed = dropout_seed(dropout_p)
-    y, mean, rstd = kernel_module("layer_norm").layer_norm_fwd(x, residual, weight, bias, eps, dropout_p,
-                                                               int(seed[0]), out_dtype)
-    return y, mean, rstd, seed
+                    bias: Optional[torch.Tensor], eps: float, dropout_p: float, seed: torch.Tensor,
+                    out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (y in out_dtype, mean fp32 (rows,), rstd fp32 (rows,)); ``seed``: :func:`dropout_seed`'s."""
+    return kernel_module("layer_norm").layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, seed_value(seed),
+                                                      out_dtype)
 
 
 @_layer_norm_fwd.register_fake
-def _(x, residual, weight, bias, eps, dropout_p, out_dtype):
+def _(x, residual, weight, bias, eps, dropout_p, seed, out_dtype):
     rows = x.numel() // x.shape[-1]
     stats = x.new_empty((rows,), dtype=torch.float32)
-    return x.new_empty(x.shape, dtype=out_dtype), stats, torch.empty_like(stats), fake_seed()
+    return x.new_empty(x.shape, dtype=out_dtype), stats, torch.empty_like(stats)
 
 
 @kernel_op("dropout_add_layer_norm_bwd", mutates_args=("grad_x", "grad_residual", "grad_weight", "grad_bias"))
 def _layer_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
-                    mean: torch.Tensor, rstd: torch.Tensor, seed: torch.Tensor, dropout_p: float,
+                    mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, seed: torch.Tensor,
                     grad_x: torch.Tensor, grad_residual: Optional[torch.Tensor], grad_weight: torch.Tensor,
                     grad_bias: Optional[torch.Tensor]) -> None:
-    kernel_module("layer_norm").layer_norm_bwd(grad_out, x, residual, weight, mean, rstd, dropout_p, int(seed[0]),
-                                               grad_x, grad_residual, grad_weight, grad_bias)
+    kernel_module("layer_norm").layer_norm_bwd(grad_out, x, residual, weight, mean, rstd, dropout_p,
+                                               seed_value(seed), grad_x, grad_residual, grad_weight, grad_bias)
 
 
 @_layer_norm_bwd.register_fake
-def _(grad_out, x, residual, weight, mean, rstd, seed, dropout_p, grad_x, grad_residual, grad_weight, grad_bias):
+def _(grad_out, x, residual, weight, mean, rstd, dropout_p, seed, grad_x, grad_residual, grad_weight, grad_bias):
     return None
 
 
 class _DropoutAddLayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, dropout_p, out_dtype):
-        y, mean, rstd, seed = _layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, out_dtype)
+    def forward(ctx, x, residual, weight, bias, eps, dropout_p, seed, out_dtype):
+        y, mean, rstd = _layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, seed, out_dtype)
         ctx.save_for_backward(x, residual, weight, bias, mean, rstd, seed)
         ctx.dropout_p = dropout_p
         return y
@@ -80,15 +78,16 @@ class _DropoutAddLayerNorm(torch.autograd.Function):
         grad_residual = torch.empty(residual.shape, dtype=residual.dtype, device=x.device) if separate else None
         grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         grad_bias = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device) if bias is not None else None
-        _layer_norm_bwd(grad_out, x, residual, weight, mean, rstd, seed, ctx.dropout_p, grad_x, grad_residual,
+        _layer_norm_bwd(grad_out, x, residual, weight, mean, rstd, ctx.dropout_p, seed, grad_x, grad_residual,
                         grad_weight, grad_bias)
         if residual is not None and not separate:
             grad_residual = grad_x
-        return grad_x, grad_residual, grad_weight, grad_bias, None, None, None
+        return grad_x, grad_residual, grad_weight, grad_bias, None, None, None, None
 
 
 def _layer_norm_triton(x, residual, weight, bias, eps, dropout_p, out_dtype):
-    return run_kernel(_DropoutAddLayerNorm, _layer_norm_fwd, x, residual, weight, bias, eps, dropout_p, out_dtype)
+    return run_kernel(_DropoutAddLayerNorm, _layer_norm_fwd, x, residual, weight, bias, eps, dropout_p,
+                      dropout_seed(dropout_p), out_dtype)
 
 
 def _layer_norm_torch(x, residual, weight, bias, eps, dropout_p, out_dtype):
