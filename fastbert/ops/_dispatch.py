@@ -2,8 +2,8 @@
 ``dropout_add_layer_norm``, ``bias_gelu``) follows these four rules; a new op should too.
 
 1. **One decision point.** The public function validates its input, applies rule 2, then asks one
-   function of its module, ``_implementation(...)``, which implementation runs, and calls it with the
-   same arguments. The Triton kernel runs when :func:`fastbert.backend.use_triton` says so
+   function of its module, ``_implementation(...)``, which implementation runs, and calls it; every
+   implementation of an op takes the same (validated) arguments. The Triton kernel runs when :func:`fastbert.backend.use_triton` says so
    (``FASTBERT_BACKEND`` and the kernel's limits, :mod:`fastbert.kernels.limits`); otherwise a torch
    implementation (today the ``*_reference``). A further path — a fast exact torch kernel — is one
    more branch of ``_implementation``; nothing else changes.

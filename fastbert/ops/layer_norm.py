@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from fastbert import backend
 from fastbert._validation import check_floating, check_probability, check_same
 from fastbert.kernels.limits import MAX_HIDDEN, dtype_unsupported  # triton-free
-from fastbert.ops._dispatch import dropout_seed, kernel_module, kernel_op, run_kernel, seed_value
+from fastbert.ops._dispatch import autocast_dtype, dropout_seed, kernel_module, kernel_op, run_kernel, seed_value
 
 
 def dropout_add_layer_norm_reference(x, residual, weight, bias, eps=1e-12, dropout_p=0.0):
@@ -146,7 +146,7 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weigh
     The Triton path draws its dropout seed from torch's default CPU generator (``torch.manual_seed``
     reproduces it) and regenerates the mask in the backward. Gradients flow to x, residual, weight, bias.
     """
-    autocast = torch.is_autocast_enabled(x.device.type) if isinstance(x, torch.Tensor) else False
+    autocast = isinstance(x, torch.Tensor) and autocast_dtype(x.device) is not None
     dropout_p = _check_inputs(x, residual, weight, bias, eps, dropout_p, mixed_dtypes=autocast)
     out_dtype = torch.float32 if autocast else x.dtype
     return _implementation(x, residual, weight, bias)(x, residual, weight, bias, float(eps), dropout_p, out_dtype)
