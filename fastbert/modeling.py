@@ -38,6 +38,7 @@ from fastbert.outputs import (
     SequenceClassifierOutput,
 )
 
+
 @dataclass
 class AttentionInputs:
     """How the encoder's tokens are laid out: padded (key_padding_mask) or unpadded (cu_seqlens)."""
