@@ -60,7 +60,10 @@ def dropout_seed(dropout_p: float) -> torch.Tensor:
     """
     if dropout_p > 0.0:
         return torch.randint(0, SEED_LIMIT, (1,), dtype=torch.int64)
-    return torch.zeros((1,), dtype=torch.int64)
+    return _NO_SEED
+
+
+_NO_SEED = torch.zeros((1,), dtype=torch.int64)  # shared, never written: no allocation per call without dropout
 
 
 def seed_value(seed: torch.Tensor) -> int:
