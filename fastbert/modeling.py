@@ -2,11 +2,11 @@
 
 A state_dict of any model here has exactly the keys transformers uses, so HF checkpoints load and
 save unchanged. The layers call the fused ops (attention, dropout+residual+LayerNorm, bias+GELU);
-which implementation runs is :mod:`fastbert.backend`'s choice.
+which implementation runs is :mod:`fastbert.backend`'s choice. The task heads and their losses are in
+:mod:`fastbert.heads`, the input checks in :mod:`fastbert._model_inputs`.
 """
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +17,20 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastbert import ops, weights
+from fastbert._model_inputs import check_model_inputs
 from fastbert.activations import ACTIVATIONS
-from fastbert._validation import DtypeError, check_tensor, value_checks_cheap
 from fastbert.config import BertConfig
-from fastbert.masking import IGNORE_INDEX
+from fastbert.heads import (  # noqa: F401  (re-exported: HF's class names, importable from here as there)
+    BertLMPredictionHead,
+    BertOnlyMLMHead,
+    BertPredictionHeadTransform,
+    BertPreTrainingHeads,
+    masked_lm,
+    next_sentence_loss,
+    sequence_classification_loss,
+)
 from fastbert.ops.flash_attention import varlen_preferred
+from fastbert.ops.padding import check_cu_seqlens
 from fastbert.outputs import (
     BaseModelOutputWithPooling,
     BertForPreTrainingOutput,
@@ -29,7 +38,6 @@ from fastbert.outputs import (
     SequenceClassifierOutput,
 )
 
-logger = logging.getLogger("fastbert")
 
 @dataclass
 class AttentionInputs:
@@ -188,55 +196,6 @@ class BertPooler(nn.Module):
         return self.activation(self.dense(first_tokens))
 
 
-class BertPredictionHeadTransform(nn.Module):
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.hidden_act = config.hidden_act
-        self.transform_act_fn = ACTIVATIONS[config.hidden_act]
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.hidden_act == "gelu":
-            hidden_states = ops.bias_gelu(F.linear(hidden_states, self.dense.weight), self.dense.bias)
-        else:
-            hidden_states = self.transform_act_fn(self.dense(hidden_states))
-        return ops.dropout_add_layer_norm(hidden_states, None, self.LayerNorm.weight, self.LayerNorm.bias,
-                                          self.LayerNorm.eps, 0.0)
-
-
-class BertLMPredictionHead(nn.Module):
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.transform = BertPredictionHeadTransform(config)
-        # The decoder weight is tied to the word embeddings by the model; its bias is `self.bias`.
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.decoder.bias = self.bias
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.transform(hidden_states))
-
-
-class BertOnlyMLMHead(nn.Module):
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.predictions = BertLMPredictionHead(config)
-
-    def forward(self, sequence_output: torch.Tensor) -> torch.Tensor:
-        return self.predictions(sequence_output)
-
-
-class BertPreTrainingHeads(nn.Module):
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.predictions = BertLMPredictionHead(config)
-        self.seq_relationship = nn.Linear(config.hidden_size, 2)
-
-    def forward(self, sequence_output: torch.Tensor, pooled_output: torch.Tensor):
-        return self.predictions(sequence_output), self.seq_relationship(pooled_output)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Top-level models
 # ---------------------------------------------------------------------------------------------------
@@ -316,37 +275,12 @@ class BertPreTrainedModel(nn.Module):
         initial values and are logged as a warning; ``strict=True`` makes any missing or unexpected key
         a ValueError that lists them. ``output_loading_info=True`` returns ``(model, LoadingInfo)``.
         """
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise ValueError(
-                f"{str(directory)!r} is not a checkpoint directory. For a freshly initialised model of a preset "
-                f"size use {cls.__name__}(fastbert.BertConfig.from_pretrained(name))"
-            )
-        if config is None:
-            config = BertConfig.from_pretrained(directory)
-        model = cls(config)
-        info = weights.load_state_dict_into(model, weights.read_state_dict(directory),
-                                            tied_keys=model._tied_keys_now(), prefix=cls.base_model_prefix + ".")
-        model.tie_weights()
-        if strict and (info.missing_keys or info.unexpected_keys):
-            raise ValueError(f"strict load of {directory} failed: {info.describe()}")
-        if info.missing_keys:
-            logger.warning("%s.from_pretrained(%s): %s", cls.__name__, directory, info.describe())
-        elif info.unexpected_keys:
-            logger.info("%s.from_pretrained(%s): %s", cls.__name__, directory, info.describe())
-        if dtype is not None:
-            model = model.to(dtype)
-        model.eval()  # as transformers: a loaded model starts in eval mode
+        model, info = weights.load_pretrained(cls, directory, config=config, strict=strict, dtype=dtype)
         return (model, info) if output_loading_info else model
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` + ``model.safetensors`` that transformers loads with no missing keys."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = self.config.replace(architectures=[type(self).__name__])
-        weights.save_state_dict(self, directory, tied_keys=self._tied_keys_now())
-        config.save_pretrained(directory)
-        return directory
+        return weights.save_pretrained(self, directory)
 
 
 class BertModel(BertPreTrainedModel):
@@ -369,40 +303,7 @@ class BertModel(BertPreTrainedModel):
 
     def check_inputs(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None) -> None:
         """Raise a clear error for inputs that would give wrong numbers or a deep trace later."""
-        check_tensor("input_ids", input_ids)
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise DtypeError(f"input_ids must be int64 (or int32) token ids, got {input_ids.dtype}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be 2-D (batch, seq_len), got shape {tuple(input_ids.shape)}")
-        batch, seqlen = input_ids.shape
-        if seqlen == 0 or batch == 0:
-            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
-        limit = self.config.max_position_embeddings
-        if position_ids is None and seqlen > limit:
-            raise ValueError(f"sequence length {seqlen} is longer than max_position_embeddings ({limit})")
-        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
-                        ("position_ids", position_ids)):
-            if t is None:
-                continue
-            check_tensor(name, t)
-            if t.shape != input_ids.shape and not (name == "position_ids" and t.shape == (1, seqlen)):
-                raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(input_ids.shape)}")
-            if t.device != input_ids.device:
-                raise ValueError(f"{name} is on {t.device} but input_ids is on {input_ids.device}")
-        for name, t in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
-            if t is not None and (t.dtype.is_floating_point or t.dtype == torch.bool):
-                raise DtypeError(f"{name} must be an integer tensor, got {t.dtype}")
-        if not value_checks_cheap(input_ids):
-            return
-        ranges = (("input_ids", input_ids, self.config.vocab_size, "vocab_size"),
-                  ("token_type_ids", token_type_ids, self.config.type_vocab_size, "type_vocab_size"),
-                  ("position_ids", position_ids, limit, "max_position_embeddings"))
-        for name, t, high, field_name in ranges:
-            if t is not None and (int(t.min()) < 0 or int(t.max()) >= high):
-                raise ValueError(f"{name} must be in [0, {field_name}={high}); got values in "
-                                 f"[{int(t.min())}, {int(t.max())}]")
-        if attention_mask is not None and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-            raise ValueError("attention_mask values must be 0 or 1 (1 = real token, 0 = padding)")
+        check_model_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids)
 
     def _use_unpadded(self, attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> bool:
         if attention_mask is None:
@@ -425,8 +326,11 @@ class BertModel(BertPreTrainedModel):
         hidden = self.embeddings(input_ids, token_type_ids, position_ids)
         batch, seqlen = input_ids.shape
         if cu_seqlens is not None:
-            _check_unpad_metadata(cu_seqlens, max_seqlen, indices, batch * seqlen)
-            tokens = ops.gather_tokens(hidden, indices)
+            if indices is None or max_seqlen is None:
+                raise ValueError("cu_seqlens needs indices and max_seqlen too (the collator returns all three)")
+            tokens = ops.gather_tokens(hidden, indices)  # checks the indices
+            # Each sequence's first token is its [CLS] (first_tokens below): none may be empty.
+            check_cu_seqlens(cu_seqlens, max_seqlen, tokens.shape[0], tokens.device, tokens="indices", non_empty=True)
             tokens = self.encoder(tokens, AttentionInputs(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen))
             return ops.pad_input(tokens, indices, batch, seqlen), tokens[cu_seqlens[:-1].long()]
         if attention_mask is not None and attention_mask.dtype != torch.bool:
@@ -452,72 +356,6 @@ class BertModel(BertPreTrainedModel):
         return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled)
 
 
-def _check_unpad_metadata(cu_seqlens, max_seqlen, indices, num_slots: int) -> None:
-    if indices is None or max_seqlen is None:
-        raise ValueError("cu_seqlens needs indices and max_seqlen too (the collator returns all three)")
-    check_tensor("indices", indices)
-    if indices.dtype != torch.int64 or indices.dim() != 1:
-        raise ValueError(f"indices must be 1-D int64, got {indices.dtype} of shape {tuple(indices.shape)}")
-    if value_checks_cheap(indices) and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_slots):
-        raise ValueError(f"indices must point into the batch's {num_slots} token slots")
-    if isinstance(cu_seqlens, torch.Tensor) and value_checks_cheap(cu_seqlens) and cu_seqlens.numel() > 1:
-        if bool(((cu_seqlens[1:] - cu_seqlens[:-1]) <= 0).any()):
-            raise ValueError("cu_seqlens must describe non-empty sequences (strictly increasing)")
-
-
-def _check_labels(name: str, labels: torch.Tensor, shape: tuple[int, ...], num_classes: int,
-                  allow_ignore: bool) -> None:
-    check_tensor(name, labels)
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise DtypeError(f"{name} must be an integer tensor, got {labels.dtype}")
-    if tuple(labels.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(labels.shape)}")
-    if value_checks_cheap(labels) and labels.numel():
-        valid = (labels >= 0) & (labels < num_classes)
-        if allow_ignore:
-            valid |= labels == IGNORE_INDEX
-        if not bool(valid.all()):
-            bad = labels[~valid][0].item()
-            allowed = f"[0, {num_classes})" + (f" or {IGNORE_INDEX}" if allow_ignore else "")
-            raise ValueError(f"{name} must be in {allowed}; found {bad}")
-
-
-def _masked_lm(head: nn.Module, sequence_output: torch.Tensor, labels: torch.Tensor | None, vocab_size: int,
-               masked_positions: torch.Tensor | None = None):
-    """MLM logits and loss. With labels the decoder (the largest GEMM of pre-training) runs only on the
-    masked positions; returns ((num_masked, vocab) logits, loss). Without: (batch, seq, vocab), None.
-
-    ``masked_positions``: the flat indices of ``labels != -100`` (row-major), as the collator computes
-    them on the CPU. Given, the step needs no device→host sync; otherwise they are found here (a
-    ``nonzero``, which syncs on CUDA)."""
-    if labels is None:
-        return head(sequence_output), None
-    _check_labels("labels", labels, tuple(sequence_output.shape[:2]), vocab_size, allow_ignore=True)
-    flat_labels = labels.reshape(-1)
-    if masked_positions is None:
-        masked_positions = torch.nonzero(flat_labels != IGNORE_INDEX).flatten()
-    else:
-        _check_masked_positions(masked_positions, flat_labels)
-    targets = flat_labels.index_select(0, masked_positions)
-    hidden = sequence_output.reshape(-1, sequence_output.shape[-1]).index_select(0, masked_positions)
-    logits = head(hidden)
-    # Sum / count keeps a batch with no masked token at loss 0 instead of NaN.
-    loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(targets.numel(), 1)
-    return logits, loss
-
-
-def _check_masked_positions(positions: torch.Tensor, flat_labels: torch.Tensor) -> None:
-    check_tensor("masked_positions", positions)
-    if positions.dtype != torch.int64 or positions.dim() != 1:
-        raise ValueError(f"masked_positions must be 1-D int64, got {positions.dtype} of shape {tuple(positions.shape)}")
-    if positions.device != flat_labels.device:
-        raise ValueError(f"masked_positions is on {positions.device} but labels are on {flat_labels.device}")
-    if value_checks_cheap(positions):
-        expected = torch.nonzero(flat_labels != IGNORE_INDEX).flatten()
-        if not torch.equal(positions, expected):
-            raise ValueError("masked_positions must be the row-major flat indices of labels != -100")
-
-
 class BertForPreTraining(BertPreTrainedModel):
     """BERT with the masked-LM and next-sentence heads (``bert``, ``cls``)."""
 
@@ -536,17 +374,16 @@ class BertForPreTraining(BertPreTrainedModel):
         """labels: (batch, seq_len) original ids at masked positions, -100 elsewhere.
         next_sentence_label: (num_sequences,) 0 = B follows A, 1 = B is random — one per row, or one per
         packed sequence with the unpad metadata (see :meth:`BertModel.encode`). ``loss`` = mlm_loss +
-        nsp_loss (whichever labels are given). ``masked_positions``: see :func:`_masked_lm`."""
+        nsp_loss (whichever labels are given). ``masked_positions``: see :func:`fastbert.heads.masked_lm`."""
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens=cu_seqlens,
                         max_seqlen=max_seqlen, indices=indices)
         sequence_output, pooled = out.last_hidden_state, out.pooler_output
-        prediction_logits, mlm_loss = _masked_lm(self.cls.predictions, sequence_output, labels,
-                                                 self.config.vocab_size, masked_positions)
+        prediction_logits, mlm_loss = masked_lm(self.cls.predictions, sequence_output, labels,
+                                                self.config.vocab_size, masked_positions)
         seq_relationship_logits = self.cls.seq_relationship(pooled)
         nsp_loss = None
         if next_sentence_label is not None:
-            _check_labels("next_sentence_label", next_sentence_label, (pooled.shape[0],), 2, allow_ignore=False)
-            nsp_loss = F.cross_entropy(seq_relationship_logits.float(), next_sentence_label)
+            nsp_loss = next_sentence_loss(seq_relationship_logits, next_sentence_label)
         losses = [x for x in (mlm_loss, nsp_loss) if x is not None]
         return BertForPreTrainingOutput(
             loss=sum(losses) if losses else None,
@@ -573,8 +410,8 @@ class BertForMaskedLM(BertPreTrainedModel):
                 masked_positions: torch.Tensor | None = None) -> MaskedLMOutput:
         sequence_output = self.bert(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens=cu_seqlens,
                                     max_seqlen=max_seqlen, indices=indices).last_hidden_state
-        logits, loss = _masked_lm(self.cls.predictions, sequence_output, labels, self.config.vocab_size,
-                                  masked_positions)
+        logits, loss = masked_lm(self.cls.predictions, sequence_output, labels, self.config.vocab_size,
+                                 masked_positions)
         return MaskedLMOutput(loss=loss, logits=logits)
 
 
@@ -600,29 +437,5 @@ class BertForSequenceClassification(BertPreTrainedModel):
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:
-            loss = self._loss(logits, labels)
+            loss = sequence_classification_loss(logits, labels, self.config.problem_type)
         return SequenceClassifierOutput(loss=loss, logits=logits)
-
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        batch = logits.shape[0]
-        problem = self.config.problem_type
-        if problem is None:
-            if self.num_labels == 1:
-                problem = "regression"
-            elif not labels.dtype.is_floating_point:
-                problem = "single_label_classification"
-            else:
-                problem = "multi_label_classification"
-        if problem == "regression":
-            check_tensor("labels", labels)
-            if labels.numel() != batch * self.num_labels:
-                raise ValueError(f"regression labels must hold {batch * self.num_labels} values, got shape "
-                                 f"{tuple(labels.shape)}")
-            return F.mse_loss(logits.float().view(-1), labels.float().view(-1))
-        if problem == "single_label_classification":
-            _check_labels("labels", labels, (batch,), self.num_labels, allow_ignore=True)
-            return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
-        check_tensor("labels", labels)
-        if tuple(labels.shape) != (batch, self.num_labels):
-            raise ValueError(f"multi-label labels must have shape {(batch, self.num_labels)}, got {tuple(labels.shape)}")
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())

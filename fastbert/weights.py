@@ -7,6 +7,7 @@ accepted (a BertModel checkpoint loads into BertForPreTraining and the other way
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,9 @@ import torch
 from torch import nn
 
 from fastbert._atomic import atomic_write
+from fastbert.config import BertConfig
+
+logger = logging.getLogger("fastbert")
 
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
@@ -137,3 +141,43 @@ def save_state_dict(model: nn.Module, directory: str | os.PathLike, *, tied_keys
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in tied_keys}
     path = Path(directory) / SAFETENSORS_NAME
     return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+
+
+def load_pretrained(cls: type, directory: str | os.PathLike, *, config: BertConfig | None = None,
+                    strict: bool = False, dtype: torch.dtype | None = None) -> tuple[nn.Module, LoadingInfo]:
+    """A fastbert model class (``BertPreTrainedModel``'s protocol: ``base_model_prefix``, ``tie_weights``,
+    ``_tied_keys_now``) built from a checkpoint directory, in eval mode, and what the load did not match.
+    See ``BertPreTrainedModel.from_pretrained``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(
+            f"{str(directory)!r} is not a checkpoint directory. For a freshly initialised model of a preset "
+            f"size use {cls.__name__}(fastbert.BertConfig.from_pretrained(name))"
+        )
+    if config is None:
+        config = BertConfig.from_pretrained(directory)
+    model = cls(config)
+    info = load_state_dict_into(model, read_state_dict(directory), tied_keys=model._tied_keys_now(),
+                                prefix=cls.base_model_prefix + ".")
+    model.tie_weights()
+    if strict and (info.missing_keys or info.unexpected_keys):
+        raise ValueError(f"strict load of {directory} failed: {info.describe()}")
+    if info.missing_keys:
+        logger.warning("%s.from_pretrained(%s): %s", cls.__name__, directory, info.describe())
+    elif info.unexpected_keys:
+        logger.info("%s.from_pretrained(%s): %s", cls.__name__, directory, info.describe())
+    if dtype is not None:
+        model = model.to(dtype)
+    model.eval()  # as transformers: a loaded model starts in eval mode
+    return model, info
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """``config.json`` + ``model.safetensors`` of a fastbert model, which transformers loads with no
+    missing keys; returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config.replace(architectures=[type(model).__name__])
+    save_state_dict(model, directory, tied_keys=model._tied_keys_now())
+    config.save_pretrained(directory)
+    return directory

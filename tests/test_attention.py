@@ -492,14 +492,15 @@ def test_custom_ops_have_consistent_fake_implementations():
     q, k, v = _qkv((2, 9, 2, 16), torch.float32, requires_grad=False)
     mask = _mask_from_lengths([9, 4], 9)
     tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
-    out, lse, seed = torch.ops.fastbert.flash_attention_fwd(q, k, v, mask, 0.0, 0.25)
-    torch.library.opcheck(torch.ops.fastbert.flash_attention_fwd, (q, k, v, mask, 0.0, 0.25), test_utils=tests)
+    seed = torch.zeros(1, dtype=torch.int64)
+    out, lse = torch.ops.fastbert.flash_attention_fwd(q, k, v, seed, mask, 0.0, 0.25)
+    torch.library.opcheck(torch.ops.fastbert.flash_attention_fwd, (q, k, v, seed, mask, 0.0, 0.25), test_utils=tests)
     torch.library.opcheck(torch.ops.fastbert.flash_attention_bwd,
                           (torch.randn_like(out), q, k, v, out, lse, seed, mask, 0.0, 0.25), test_utils=tests)
     cu_seqlens = _cu_seqlens([5, 4])
     flat = [x[0] for x in (q, k, v)]
-    out, lse, seed = torch.ops.fastbert.flash_attention_varlen_fwd(*flat, cu_seqlens, 5, 0.0, 0.25)
-    torch.library.opcheck(torch.ops.fastbert.flash_attention_varlen_fwd, (*flat, cu_seqlens, 5, 0.0, 0.25),
+    out, lse = torch.ops.fastbert.flash_attention_varlen_fwd(*flat, seed, cu_seqlens, 5, 0.0, 0.25)
+    torch.library.opcheck(torch.ops.fastbert.flash_attention_varlen_fwd, (*flat, seed, cu_seqlens, 5, 0.0, 0.25),
                           test_utils=tests)
     torch.library.opcheck(torch.ops.fastbert.flash_attention_varlen_bwd,
                           (torch.randn_like(out), *flat, out, lse, seed, cu_seqlens, 5, 0.0, 0.25), test_utils=tests)

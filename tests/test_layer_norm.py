@@ -312,15 +312,15 @@ def test_inputs_beyond_the_kernel_raise_under_triton_and_fall_back_under_auto():
 
 # ------------------------------------------------------------------------------------- custom-op checks
 def test_custom_ops_pass_opcheck():
-    from fastbert.ops.layer_norm import _bwd_op, _fwd_op
-
+    fwd, bwd = torch.ops.fastbert.dropout_add_layer_norm_fwd, torch.ops.fastbert.dropout_add_layer_norm_bwd
     x, r = torch.randn(6, 40), torch.randn(6, 40)
     w, b = torch.randn(40), torch.randn(40)
-    torch.library.opcheck(_fwd_op, (x, r, w, b, 1e-12, 0.25, 1234, torch.float32))
-    torch.library.opcheck(_fwd_op, (x, None, w, None, 1e-5, 0.0, 0, torch.float32))
-    _, mean, rstd = _fwd_op(x, r, w, b, 1e-12, 0.25, 1234, torch.float32)
+    seed, no_seed = torch.tensor([1234]), torch.tensor([0])
+    torch.library.opcheck(fwd, (x, r, w, b, 1e-12, 0.25, seed, torch.float32))
+    torch.library.opcheck(fwd, (x, None, w, None, 1e-5, 0.0, no_seed, torch.float32))
+    _, mean, rstd = fwd(x, r, w, b, 1e-12, 0.25, seed, torch.float32)
     buffers = (torch.empty(6, 40), torch.empty(6, 40), torch.empty(40), torch.empty(40))
-    torch.library.opcheck(_bwd_op, (torch.randn(6, 40), x, r, w, mean, rstd, 0.25, 1234, *buffers))
+    torch.library.opcheck(bwd, (torch.randn(6, 40), x, r, w, mean, rstd, 0.25, seed, *buffers))
 
 
 def test_import_does_not_load_triton():

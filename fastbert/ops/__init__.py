@@ -1,5 +1,7 @@
-"""fastbert's public functional ops. Each dispatches to a Triton kernel or its torch reference
-(see :mod:`fastbert.backend`); the references live beside the ops as ``*_reference``."""
+"""fastbert's public functional ops. Each runs a Triton kernel or a torch implementation (see
+:mod:`fastbert.backend`), by the rules of :mod:`fastbert.ops._dispatch`; the references live beside the
+ops as ``*_reference``. A Triton-backed op's file has the name of its kernels' file in
+:mod:`fastbert.kernels`."""
 from fastbert.ops.flash_attention import attention, attention_reference, attention_varlen, attention_varlen_reference
 from fastbert.ops.gelu import bias_gelu, bias_gelu_reference
 from fastbert.ops.layer_norm import dropout_add_layer_norm, dropout_add_layer_norm_reference

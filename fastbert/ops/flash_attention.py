@@ -2,32 +2,33 @@
 
 Public ops: :func:`attention` on (batch, seqlen, heads, head_dim) with a key-padding mask, and
 :func:`attention_varlen` on unpadded (total_tokens, heads, head_dim) with ``cu_seqlens``. Each has its
-torch reference beside it (``*_reference``), which is also the CPU path.
+torch reference beside it (``*_reference``), today also the path without the kernel.
 
-The Triton path (``fastbert.kernels.flash_attention``) comes in three thin layers per layout: a
-registered custom op for the forward and one for the backward (``torch.library.custom_op`` with fake
-implementations, so ``torch.compile`` traces them without graph breaks) → one ``autograd.Function``
-→ the public function, which validates and dispatches through :func:`fastbert.backend.use_triton`.
+The Triton path (``fastbert.kernels.flash_attention``) comes in three thin layers per layout, run by
+:mod:`fastbert.ops._dispatch`'s rules: host functions for the forward and the backward, registered as
+custom ops ``fastbert::flash_attention[_varlen]_fwd`` / ``_bwd`` → one ``autograd.Function`` → the
+public function, which validates, applies autocast and picks the implementation.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from fastbert import backend
-from fastbert._validation import (
-    DtypeError,
-    check_floating,
-    check_mask_dtype,
-    check_probability,
-    check_same,
-    value_checks_cheap,
-)
+from fastbert._validation import check_floating, check_mask_dtype, check_probability, check_same
 from fastbert.kernels import limits  # triton-free
-from fastbert.ops._triton import philox_seed
+from fastbert.ops._dispatch import (
+    autocast_inputs,
+    dropout_seed,
+    kernel_module,
+    kernel_op,
+    run_kernel,
+    seed_value,
+)
+from fastbert.ops.padding import check_cu_seqlens
 
 
 def kernel_unsupported_reason(head_dim: int, dtype: torch.dtype) -> str:
@@ -43,13 +44,6 @@ def kernel_unsupported_reason(head_dim: int, dtype: torch.dtype) -> str:
 def _use_kernel(op: str, q: torch.Tensor) -> bool:
     reason = kernel_unsupported_reason(q.shape[-1], q.dtype)
     return backend.use_triton(op, q, supported=not reason, unsupported_reason=reason)
-
-
-def _kernels():
-    # Imported on first use: `import fastbert` must not import triton.
-    from fastbert.kernels import flash_attention
-
-    return flash_attention
 
 
 def _check_scale(softmax_scale: float | None, head_dim: int) -> float:
@@ -88,74 +82,66 @@ def _masked_softmax_attention(q, k, v, keep, dropout_p, scale):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Triton path: custom ops (opaque to torch.compile, with fake implementations) and autograd Functions
+# Triton path: host functions (custom ops while compiling) and one autograd Function per layout
 # ---------------------------------------------------------------------------------------------------
-def _seed_tensor(dropout_p: float) -> torch.Tensor:
-    """The dropout seed as a CPU int64 tensor, so the backward op can take it (0 when there is no dropout)."""
-    return torch.tensor([philox_seed() if dropout_p > 0.0 else 0], dtype=torch.int64)
+@kernel_op("flash_attention_fwd")
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor,
+                   key_padding_mask: Optional[torch.Tensor], dropout_p: float, softmax_scale: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out (B, L, H, D), lse fp32 (H, B*L)); ``seed``: :func:`dropout_seed`'s."""
+    return kernel_module("flash_attention").forward(q, k, v, key_padding_mask=key_padding_mask,
+                                                    softmax_scale=softmax_scale, dropout_p=dropout_p,
+                                                    seed=seed_value(seed))
 
 
-@torch.library.custom_op("fastbert::flash_attention_fwd", mutates_args=())
-def _flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-                         dropout_p: float, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out (B, L, H, D), lse fp32 (H, B*L), seed int64 (1,) on the CPU)."""
-    # The seed is drawn inside the op, so a compiled graph draws a fresh one on every call.
-    seed = _seed_tensor(dropout_p)
-    out, lse = _kernels().forward(q, k, v, key_padding_mask=key_padding_mask, softmax_scale=softmax_scale,
-                                  dropout_p=dropout_p, seed=int(seed[0]))
-    return out, lse, seed
-
-
-@_flash_attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, dropout_p, softmax_scale):
+@_attention_fwd.register_fake
+def _(q, k, v, seed, key_padding_mask, dropout_p, softmax_scale):
     batch, seqlen, heads, _ = q.shape
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-            torch.empty((heads, batch * seqlen), dtype=torch.float32, device=q.device),
-            torch.empty((1,), dtype=torch.int64))
+            torch.empty((heads, batch * seqlen), dtype=torch.float32, device=q.device))
 
 
-@torch.library.custom_op("fastbert::flash_attention_bwd", mutates_args=())
-def _flash_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                         lse: torch.Tensor, seed: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-                         dropout_p: float, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _kernels().backward(dout, q, k, v, out, lse, key_padding_mask=key_padding_mask,
-                               softmax_scale=softmax_scale, dropout_p=dropout_p, seed=int(seed[0]))
+@kernel_op("flash_attention_bwd")
+def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, seed: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                   dropout_p: float, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return kernel_module("flash_attention").backward(dout, q, k, v, out, lse, key_padding_mask=key_padding_mask,
+                                                     softmax_scale=softmax_scale, dropout_p=dropout_p,
+                                                     seed=seed_value(seed))
 
 
-@_flash_attention_bwd.register_fake
+@_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, seed, key_padding_mask, dropout_p, softmax_scale):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
-@torch.library.custom_op("fastbert::flash_attention_varlen_fwd", mutates_args=())
-def _flash_attention_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                                max_seqlen: int, dropout_p: float, softmax_scale: float
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out (T, H, D), lse fp32 (H, T), seed int64 (1,) on the CPU)."""
-    seed = _seed_tensor(dropout_p)
-    out, lse = _kernels().forward(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                  softmax_scale=softmax_scale, dropout_p=dropout_p, seed=int(seed[0]))
-    return out, lse, seed
+@kernel_op("flash_attention_varlen_fwd")
+def _attention_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor,
+                          cu_seqlens: torch.Tensor, max_seqlen: int, dropout_p: float, softmax_scale: float
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out (T, H, D), lse fp32 (H, T)); ``seed``: :func:`dropout_seed`'s."""
+    return kernel_module("flash_attention").forward(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                                    softmax_scale=softmax_scale, dropout_p=dropout_p,
+                                                    seed=seed_value(seed))
 
 
-@_flash_attention_varlen_fwd.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
+@_attention_varlen_fwd.register_fake
+def _(q, k, v, seed, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
     total, heads, _ = q.shape
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-            torch.empty((heads, total), dtype=torch.float32, device=q.device),
-            torch.empty((1,), dtype=torch.int64))
+            torch.empty((heads, total), dtype=torch.float32, device=q.device))
 
 
-@torch.library.custom_op("fastbert::flash_attention_varlen_bwd", mutates_args=())
-def _flash_attention_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                out: torch.Tensor, lse: torch.Tensor, seed: torch.Tensor, cu_seqlens: torch.Tensor,
-                                max_seqlen: int, dropout_p: float, softmax_scale: float
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _kernels().backward(dout, q, k, v, out, lse, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                               softmax_scale=softmax_scale, dropout_p=dropout_p, seed=int(seed[0]))
+@kernel_op("flash_attention_varlen_bwd")
+def _attention_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                          lse: torch.Tensor, seed: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                          dropout_p: float, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return kernel_module("flash_attention").backward(dout, q, k, v, out, lse, cu_seqlens=cu_seqlens,
+                                                     max_seqlen=max_seqlen, softmax_scale=softmax_scale,
+                                                     dropout_p=dropout_p, seed=seed_value(seed))
 
 
-@_flash_attention_varlen_bwd.register_fake
+@_attention_varlen_bwd.register_fake
 def _(dout, q, k, v, out, lse, seed, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
@@ -164,8 +150,8 @@ class _FlashAttention(torch.autograd.Function):
     """Padded layout. Saves q, k, v, out, the log-sum-exp and the dropout seed; nothing of size L²."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, dropout_p, softmax_scale):
-        out, lse, seed = torch.ops.fastbert.flash_attention_fwd(q, k, v, key_padding_mask, dropout_p, softmax_scale)
+    def forward(ctx, q, k, v, seed, key_padding_mask, dropout_p, softmax_scale):
+        out, lse = _attention_fwd(q, k, v, seed, key_padding_mask, dropout_p, softmax_scale)
         ctx.save_for_backward(q, k, v, out, lse, seed, key_padding_mask)
         ctx.dropout_p, ctx.softmax_scale = dropout_p, softmax_scale
         return out
@@ -173,18 +159,17 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, seed, key_padding_mask = ctx.saved_tensors
-        dq, dk, dv = torch.ops.fastbert.flash_attention_bwd(dout, q, k, v, out, lse, seed, key_padding_mask,
-                                                            ctx.dropout_p, ctx.softmax_scale)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, seed, key_padding_mask, ctx.dropout_p,
+                                    ctx.softmax_scale)
+        return dq, dk, dv, None, None, None, None
 
 
 class _FlashAttentionVarlen(torch.autograd.Function):
     """Unpadded layout; ``max_seqlen`` stays a Python int (no device sync, no graph break)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
-        out, lse, seed = torch.ops.fastbert.flash_attention_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, dropout_p,
-                                                                       softmax_scale)
+    def forward(ctx, q, k, v, seed, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
+        out, lse = _attention_varlen_fwd(q, k, v, seed, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
         ctx.save_for_backward(q, k, v, out, lse, seed, cu_seqlens)
         ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale = max_seqlen, dropout_p, softmax_scale
         return out
@@ -192,9 +177,19 @@ class _FlashAttentionVarlen(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, seed, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = torch.ops.fastbert.flash_attention_varlen_bwd(dout, q, k, v, out, lse, seed, cu_seqlens,
-                                                                   ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = _attention_varlen_bwd(dout, q, k, v, out, lse, seed, cu_seqlens, ctx.max_seqlen,
+                                           ctx.dropout_p, ctx.softmax_scale)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _attention_triton(q, k, v, key_padding_mask, dropout_p, softmax_scale):
+    return run_kernel(_FlashAttention, _attention_fwd, q, k, v, dropout_seed(dropout_p), key_padding_mask, dropout_p,
+                      softmax_scale)
+
+
+def _attention_varlen_triton(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
+    return run_kernel(_FlashAttentionVarlen, _attention_varlen_fwd, q, k, v, dropout_seed(dropout_p), cu_seqlens,
+                      max_seqlen, dropout_p, softmax_scale)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -221,7 +216,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
     key_padding_mask: (batch, seqlen) bool or int, True/1 = real token (HF's attention_mask), or None.
     Padded keys get zero weight; a query row whose keys are all padding returns zeros.
     dropout_p: dropout on the attention probabilities (pass 0.0 in eval). softmax_scale: default
-    1/sqrt(head_dim). Returns (batch, seqlen, heads, head_dim) in q's dtype.
+    1/sqrt(head_dim). Returns (batch, seqlen, heads, head_dim) in q's dtype. Under autocast, as torch
+    treats matmul and SDPA: q, k, v (unless float64) are cast to the autocast dtype, the attention runs
+    and returns in it, and each gradient comes back in its input's dtype. (A model's q, k, v come from
+    a Linear, already in that dtype.)
 
     The Triton kernel (CUDA tensors under the auto backend) takes head_dim a multiple of 8 up to 128
     and float16/bfloat16/float32; other inputs take the torch reference (or raise a ValueError under
@@ -241,40 +239,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
     scale = _check_scale(softmax_scale, q.shape[-1])
+    q, k, v = autocast_inputs(q, k, v)
+    return _attention_implementation(q)(q, k, v, key_padding_mask, dropout_p, scale)
+
+
+def _attention_implementation(q: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """Which implementation of :func:`attention` runs on q (dtype after autocast): the op's one decision point."""
     if _use_kernel("attention", q):
-        return _FlashAttention.apply(q, k, v, key_padding_mask, dropout_p, scale)
-    return attention_reference(q, k, v, key_padding_mask, dropout_p, scale)
-
-
-def check_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen: int, total_tokens: int, device: torch.device) -> None:
-    """Validate varlen metadata; the value checks run where they are free (CPU) or in debug mode."""
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype != torch.int32:
-        raise DtypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be 1-D of length batch + 1 >= 2, got shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device != device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
-    # A SymInt when torch.compile treats max_seqlen as dynamic (it changes from batch to batch).
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)) or max_seqlen < 0:
-        raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
-    # No sequence is longer than all the tokens together; a larger max_seqlen would only size the torch
-    # path's padded grid and the kernel's launch grid (2**40 would allocate or launch without end).
-    if max_seqlen > total_tokens:
-        raise ValueError(f"max_seqlen ({max_seqlen}) is larger than the number of tokens in q ({total_tokens}); "
-                         "pass the longest sequence length")
-    # Value checks read the data (a graph break under torch.compile): skipped while compiling.
-    if value_checks_cheap(cu_seqlens) and not torch.compiler.is_compiling():
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        if int(cu_seqlens[0]) != 0:
-            raise ValueError(f"cu_seqlens must start at 0, got {int(cu_seqlens[0])}")
-        if bool((lengths < 0).any()):
-            raise ValueError("cu_seqlens must be non-decreasing")
-        if int(cu_seqlens[-1]) != total_tokens:
-            raise ValueError(f"cu_seqlens[-1] ({int(cu_seqlens[-1])}) must equal the number of tokens in q ({total_tokens})")
-        if lengths.numel() and int(lengths.max()) > max_seqlen:
-            raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest sequence ({int(lengths.max())})")
+        return _attention_triton
+    return attention_reference
 
 
 def _varlen_positions(cu_seqlens: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,9 +293,16 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     dropout_p = check_probability("dropout_p", dropout_p)
     check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device)
     scale = _check_scale(softmax_scale, q.shape[-1])
+    q, k, v = autocast_inputs(q, k, v)
+    return _attention_varlen_implementation(q)(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale)
+
+
+def _attention_varlen_implementation(q: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """Which implementation of :func:`attention_varlen` runs on q (dtype after autocast): the op's one
+    decision point."""
     if _use_kernel("attention_varlen", q):
-        return _FlashAttentionVarlen.apply(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale)
-    return attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale)
+        return _attention_varlen_triton
+    return attention_varlen_reference
 
 
 def varlen_preferred(hidden: torch.Tensor, head_dim: int) -> bool:

@@ -1,14 +1,14 @@
 """``LayerNorm(dropout(x) + residual)``: BERT's post-LN sublayer output, and its torch reference.
 
-Three layers, as flash-attention: custom ops ``fastbert::dropout_add_layer_norm_fwd`` / ``_bwd`` (the
-Triton launchers, opaque to ``torch.compile`` through their fake implementations; eager calls skip the
-custom-op dispatch) → an autograd Function that saves only x, residual and the per-row mean/rstd → the
-public function, which checks the input and picks the Triton path or the torch reference
-(:mod:`fastbert.backend`).
+Three layers, as flash-attention, run by :mod:`fastbert.ops._dispatch`'s rules: the host functions of
+the kernels in ``fastbert.kernels.layer_norm``, registered as custom ops
+``fastbert::dropout_add_layer_norm_fwd`` / ``_bwd`` → an autograd Function that saves only x, residual,
+the parameters, the per-row mean/rstd and the dropout seed → the public function, which checks the
+input and picks the implementation.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from fastbert import backend
 from fastbert._validation import check_floating, check_probability, check_same
 from fastbert.kernels.limits import MAX_HIDDEN, dtype_unsupported  # triton-free
-from fastbert.ops._triton import kernel_module, philox_seed
-
+from fastbert.ops._dispatch import autocast_dtype, dropout_seed, kernel_module, kernel_op, run_kernel, seed_value
 
 
 def dropout_add_layer_norm_reference(x, residual, weight, bias, eps=1e-12, dropout_p=0.0):
@@ -28,65 +27,50 @@ def dropout_add_layer_norm_reference(x, residual, weight, bias, eps=1e-12, dropo
     return F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
 
 
-@torch.library.custom_op("fastbert::dropout_add_layer_norm_fwd", mutates_args=())
-def _fwd_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
-            eps: float, dropout_p: float, seed: int, out_dtype: torch.dtype
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return kernel_module("layer_norm").layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, seed, out_dtype)
+# ---------------------------------------------------------------------------------------------------
+# Triton path: host functions (custom ops while compiling) and the autograd Function
+# ---------------------------------------------------------------------------------------------------
+@kernel_op("dropout_add_layer_norm_fwd")
+def _layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
+                    bias: Optional[torch.Tensor], eps: float, dropout_p: float, seed: torch.Tensor,
+                    out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (y in out_dtype, mean fp32 (rows,), rstd fp32 (rows,)); ``seed``: :func:`dropout_seed`'s."""
+    return kernel_module("layer_norm").layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, seed_value(seed),
+                                                      out_dtype)
 
 
-@_fwd_op.register_fake
-def _fwd_fake(x, residual, weight, bias, eps, dropout_p, seed, out_dtype):
+@_layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps, dropout_p, seed, out_dtype):
     rows = x.numel() // x.shape[-1]
     stats = x.new_empty((rows,), dtype=torch.float32)
     return x.new_empty(x.shape, dtype=out_dtype), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("fastbert::dropout_add_layer_norm_bwd",
-                         mutates_args=("grad_x", "grad_residual", "grad_weight", "grad_bias"))
-def _bwd_op(grad_out: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
-            mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, seed: int, grad_x: torch.Tensor,
-            grad_residual: Optional[torch.Tensor], grad_weight: torch.Tensor, grad_bias: Optional[torch.Tensor]
-            ) -> None:
-    kernel_module("layer_norm").layer_norm_bwd(grad_out, x, residual, weight, mean, rstd, dropout_p, seed,
-                                               grad_x, grad_residual, grad_weight, grad_bias)
+@kernel_op("dropout_add_layer_norm_bwd", mutates_args=("grad_x", "grad_residual", "grad_weight", "grad_bias"))
+def _layer_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
+                    mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, seed: torch.Tensor,
+                    grad_x: torch.Tensor, grad_residual: Optional[torch.Tensor], grad_weight: torch.Tensor,
+                    grad_bias: Optional[torch.Tensor]) -> None:
+    kernel_module("layer_norm").layer_norm_bwd(grad_out, x, residual, weight, mean, rstd, dropout_p,
+                                               seed_value(seed), grad_x, grad_residual, grad_weight, grad_bias)
 
 
-@_bwd_op.register_fake
-def _bwd_fake(grad_out, x, residual, weight, mean, rstd, dropout_p, seed, grad_x, grad_residual, grad_weight,
-              grad_bias):
+@_layer_norm_bwd.register_fake
+def _(grad_out, x, residual, weight, mean, rstd, dropout_p, seed, grad_x, grad_residual, grad_weight, grad_bias):
     return None
-
-
-def _forward(x, residual, weight, bias, eps, dropout_p, seed, out_dtype):
-    """The forward kernel: through the custom op while torch.compile traces, straight to the launcher in
-    eager mode, where a custom op's Python dispatch would cost about as much as the kernel at BERT sizes."""
-    if torch.compiler.is_compiling():
-        return _fwd_op(x, residual, weight, bias, eps, dropout_p, seed, out_dtype)
-    return kernel_module("layer_norm").layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, seed, out_dtype)
-
-
-def _backward(*args):
-    """The backward kernel, dispatched as :func:`_forward`."""
-    if torch.compiler.is_compiling():
-        return _bwd_op(*args)
-    return kernel_module("layer_norm").layer_norm_bwd(*args)
 
 
 class _DropoutAddLayerNorm(torch.autograd.Function):
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, residual, weight, bias, eps, dropout_p, seed, out_dtype):
-        y, mean, rstd = _forward(x, residual, weight, bias, eps, dropout_p, seed, out_dtype)
-        ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
+        y, mean, rstd = _layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, seed, out_dtype)
+        ctx.save_for_backward(x, residual, weight, bias, mean, rstd, seed)
         ctx.dropout_p = dropout_p
-        ctx.seed = seed
         return y
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
-        x, residual, weight, bias, mean, rstd = ctx.saved_tensors
+        x, residual, weight, bias, mean, rstd, seed = ctx.saved_tensors
         grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         # The residual's gradient is the pre-norm sum's gradient: without dropout, and in x's dtype, it
         # is grad_x itself (as for a plain add), so the kernel writes it once.
@@ -94,13 +78,25 @@ class _DropoutAddLayerNorm(torch.autograd.Function):
         grad_residual = torch.empty(residual.shape, dtype=residual.dtype, device=x.device) if separate else None
         grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         grad_bias = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device) if bias is not None else None
-        _backward(grad_out, x, residual, weight, mean, rstd, ctx.dropout_p, ctx.seed, grad_x, grad_residual,
-                  grad_weight, grad_bias)
+        _layer_norm_bwd(grad_out, x, residual, weight, mean, rstd, ctx.dropout_p, seed, grad_x, grad_residual,
+                        grad_weight, grad_bias)
         if residual is not None and not separate:
             grad_residual = grad_x
         return grad_x, grad_residual, grad_weight, grad_bias, None, None, None, None
 
 
+def _layer_norm_triton(x, residual, weight, bias, eps, dropout_p, out_dtype):
+    return run_kernel(_DropoutAddLayerNorm, _layer_norm_fwd, x, residual, weight, bias, eps, dropout_p,
+                      dropout_seed(dropout_p), out_dtype)
+
+
+def _layer_norm_torch(x, residual, weight, bias, eps, dropout_p, out_dtype):
+    return dropout_add_layer_norm_reference(x, residual, weight, bias, eps, dropout_p).to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public op
+# ---------------------------------------------------------------------------------------------------
 def _check_inputs(x, residual, weight, bias, eps, dropout_p, mixed_dtypes: bool) -> float:
     check_floating("x", x)
     if x.dim() < 1 or x.shape[-1] == 0:
@@ -126,12 +122,15 @@ def _check_inputs(x, residual, weight, bias, eps, dropout_p, mixed_dtypes: bool)
     return check_probability("dropout_p", dropout_p)
 
 
-def _kernel_limits(x, residual, weight, bias) -> str:
-    """Why the Triton kernel cannot take this input ('' when it can)."""
+def _implementation(x, residual, weight, bias) -> Callable[..., torch.Tensor]:
+    """Which implementation of :func:`dropout_add_layer_norm` runs on these inputs: the op's one decision
+    point."""
     why_not = dtype_unsupported({"x": x, "residual": residual, "weight": weight, "bias": bias})
     if not why_not and x.shape[-1] > MAX_HIDDEN:
         why_not = f"hidden size {x.shape[-1]} > {MAX_HIDDEN} (the kernel keeps a whole row in registers)"
-    return why_not
+    if backend.use_triton("dropout_add_layer_norm", x, supported=not why_not, unsupported_reason=why_not):
+        return _layer_norm_triton
+    return _layer_norm_torch
 
 
 def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -147,14 +146,7 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weigh
     The Triton path draws its dropout seed from torch's default CPU generator (``torch.manual_seed``
     reproduces it) and regenerates the mask in the backward. Gradients flow to x, residual, weight, bias.
     """
-    autocast = torch.is_autocast_enabled(x.device.type) if isinstance(x, torch.Tensor) else False
+    autocast = isinstance(x, torch.Tensor) and autocast_dtype(x.device) is not None
     dropout_p = _check_inputs(x, residual, weight, bias, eps, dropout_p, mixed_dtypes=autocast)
     out_dtype = torch.float32 if autocast else x.dtype
-    why_not = _kernel_limits(x, residual, weight, bias)
-    if backend.use_triton("dropout_add_layer_norm", x, supported=not why_not, unsupported_reason=why_not):
-        seed = philox_seed() if dropout_p > 0.0 else 0
-        args = (x, residual, weight, bias, float(eps), dropout_p, seed, out_dtype)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
-            return _DropoutAddLayerNorm.apply(*args)
-        return _forward(*args)[0]  # inference: no autograd node, no saved tensors
-    return dropout_add_layer_norm_reference(x, residual, weight, bias, eps, dropout_p).to(out_dtype)
+    return _implementation(x, residual, weight, bias)(x, residual, weight, bias, float(eps), dropout_p, out_dtype)

@@ -1,7 +1,8 @@
 """Padding ↔ unpadded ("varlen") layout: drop the padding once before the encoder, restore it once after.
 
 The unpadded layout holds all real tokens back to back, ``(total_tokens, ...)``, described by
-``cu_seqlens`` (int32 prefix sums of the per-sequence lengths, length batch+1) and ``max_seqlen``.
+``cu_seqlens`` (int32 prefix sums of the per-sequence lengths, length batch+1) and ``max_seqlen``;
+:func:`check_cu_seqlens` is the one check of that metadata (the varlen attention's and the models').
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbert import _extension
-from fastbert._validation import check_mask_dtype, check_tensor, value_checks_cheap
+from fastbert._validation import DtypeError, check_mask_dtype, check_tensor, value_checks_cheap
 
 BAD_MASK_VALUES = "attention_mask values must be 0 or 1 (1 = real token)"
 
@@ -124,6 +125,43 @@ def _check_indices_in_range(indices: torch.Tensor, num_rows: int) -> None:
         if low < 0 or high >= num_rows:
             raise ValueError(f"indices must be in [0, {num_rows}) (the batch's token slots), got values in "
                              f"[{low}, {high}]")
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen: int, total_tokens: int, device: torch.device, *,
+                     tokens: str = "q", non_empty: bool = False) -> None:
+    """Validate varlen metadata over ``total_tokens`` tokens on ``device`` (held by the tensor named
+    ``tokens``, for the messages). ``non_empty``: every sequence holds a token (cu_seqlens strictly
+    increasing). The value checks run where they are free (CPU) or in debug mode, not while compiling."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise DtypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D of length batch + 1 >= 2, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but {tokens} is on {device}")
+    # A SymInt when torch.compile treats max_seqlen as dynamic (it changes from batch to batch).
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+    # No sequence is longer than all the tokens together; a larger max_seqlen would only size the torch
+    # path's padded grid and the kernel's launch grid (2**40 would allocate or launch without end).
+    if max_seqlen > total_tokens:
+        raise ValueError(f"max_seqlen ({max_seqlen}) is larger than the number of tokens in {tokens} "
+                         f"({total_tokens}); pass the longest sequence length")
+    # Value checks read the data (a graph break under torch.compile): skipped while compiling.
+    if value_checks_cheap(cu_seqlens) and not torch.compiler.is_compiling():
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        if int(cu_seqlens[0]) != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {int(cu_seqlens[0])}")
+        if bool((lengths < 0).any()):
+            raise ValueError("cu_seqlens must be non-decreasing")
+        if non_empty and bool((lengths == 0).any()):
+            raise ValueError("cu_seqlens must describe non-empty sequences (strictly increasing)")
+        if int(cu_seqlens[-1]) != total_tokens:
+            raise ValueError(f"cu_seqlens[-1] ({int(cu_seqlens[-1])}) must equal the number of tokens in {tokens} "
+                             f"({total_tokens})")
+        if lengths.numel() and int(lengths.max()) > max_seqlen:
+            raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest sequence ({int(lengths.max())})")
 
 
 def gather_tokens(hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
