@@ -377,3 +377,97 @@ def test_warnings_name_the_caller():
         warnings.simplefilter("always")
         fastbert.patch_hf(model)
     assert caught and caught[0].filename == __file__
+
+
+def test_no_fastbert_hf_module_imports_transformers():
+    import subprocess
+    import sys
+
+    code = ("import importlib, pkgutil, sys, fastbert.hf as h\n"
+            "names = [m.name for m in pkgutil.iter_modules(h.__path__)]\n"
+            "assert {'families', 'fused', 'encoder', 'patch'} <= set(names), names\n"
+            "[importlib.import_module('fastbert.hf.' + n) for n in names]\n"
+            "assert 'transformers' not in sys.modules\nprint('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+# ---- the family table's child names -----------------------------------------------------------------------
+# A layer whose modules call their children as DistilBERT does: what a family with other names looks like.
+RENAMED = {
+    "attention.self": (hf.FusedBertSelfAttention, hf.AttentionChildren("q_lin", "k_lin", "v_lin", "attn_dropout", "n_heads"),
+                       dict(query="q_lin", key="k_lin", value="v_lin", dropout="attn_dropout",
+                            num_attention_heads="n_heads")),
+    "attention.output": (hf.FusedBertSelfOutput, hf.AddNormChildren("out_lin", "sa_layer_norm", "out_dropout"),
+                         dict(dense="out_lin", LayerNorm="sa_layer_norm", dropout="out_dropout")),
+    "intermediate": (hf.FusedBertIntermediate, hf.IntermediateChildren("lin1", "activation"),
+                     dict(dense="lin1", intermediate_act_fn="activation")),
+    "output": (hf.FusedBertOutput, hf.AddNormChildren("lin2", "output_layer_norm", "ffn_dropout"),
+               dict(dense="lin2", LayerNorm="output_layer_norm", dropout="ffn_dropout")),
+}
+
+
+def renamed(module, names):
+    """A stand-in for another family's module: ``module``'s children and attributes under other names."""
+    holder = torch.nn.Module()
+    for old, new in names.items():
+        setattr(holder, new, getattr(module, old))
+    return holder.train(module.training)
+
+
+def test_fused_modules_read_the_family_child_names():
+    hf_layer = make_hf("BertModel").encoder.layer[0]
+    layer = copy.deepcopy(hf_layer)
+    original_name, tensors = {}, {}  # the renamed layer's parameter names -> BERT's; -> data_ptr
+    for path, (fused, children, names) in RENAMED.items():
+        owner, name = (layer.attention, path.split(".")[1]) if "." in path else (layer, path)
+        module = getattr(owner, name)
+        for child_param, p in module.named_parameters():
+            child, param = child_param.split(".")
+            original_name[f"{path}.{names[child]}.{param}"] = f"{path}.{child_param}"
+            tensors[f"{path}.{names[child]}.{param}"] = p.data_ptr()
+        setattr(owner, name, fused(renamed(module, names), children))
+    # the family's names, on the very same tensors
+    assert {n: p.data_ptr() for n, p in layer.named_parameters()} == tensors
+    assert {"attention.self.q_lin.weight", "output.output_layer_norm.bias"} <= set(layer.state_dict())
+
+    ids, mask, _ = ragged_batch(ODD["vocab_size"])
+    x = torch.randn(*ids.shape, ODD["hidden_size"], generator=torch.Generator().manual_seed(2))
+    real = mask.bool()
+    results = {}
+    for name, module, dtype in (("reference", copy.deepcopy(hf_layer).double(), torch.float64),
+                                ("hf", hf_layer, torch.float32), ("renamed", layer, torch.float32)):
+        inputs = x.to(dtype, copy=True).requires_grad_()
+        additive = (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min  # eager's 4-D mask
+        module.zero_grad(set_to_none=True)
+        out = module(inputs, additive)
+        ((out * torch.linspace(0.5, 1.5, out.shape[-1], dtype=dtype)).sum(-1) ** 2 * mask).sum().backward()
+        grads = {original_name.get(n, n): p.grad.double() for n, p in module.named_parameters()}
+        results[name] = (out[real].double(), grads | {"input": inputs.grad.double()})
+    ref_out, ref_grads = results["reference"]
+    hf_err = (results["hf"][0] - ref_out).abs().max().item()
+    assert (results["renamed"][0] - ref_out).abs().max().item() <= 3 * hf_err + 1e-5
+    assert results["renamed"][1].keys() == ref_grads.keys()
+    scales = gradient_scales(ref_grads)
+    for name, ref in ref_grads.items():
+        hf_err = (results["hf"][1][name] - ref).abs().max().item()
+        err = (results["renamed"][1][name] - ref).abs().max().item()
+        assert err <= 3 * hf_err + 1e-5 * (scales[name] + 1e-6), (name, err, hf_err)
+
+
+def test_patch_hf_checks_and_fills_slots_by_the_family_child_names(monkeypatch):
+    import dataclasses
+
+    from fastbert.hf import families
+
+    bert = families.FAMILIES[0]
+    other = dataclasses.replace(bert, attention_output=dataclasses.replace(
+        bert.attention_output, children=hf.AddNormChildren(layer_norm="norm")))
+    monkeypatch.setattr(families, "FAMILIES", (other, *families.FAMILIES[1:]))
+    model = make_hf("BertModel")
+    with pytest.warns(UserWarning, match="attention.output has no nn.Linear 'dense' followed by an nn.LayerNorm 'norm'"):
+        fastbert.patch_hf(model)
+    assert hf.is_patched(model) == {"attention": True, "layer_norm": False, "gelu": True}
+    layer = model.encoder.layer[0]
+    assert type(layer.attention.output) is transformers.models.bert.modeling_bert.BertSelfOutput
+    assert isinstance(layer.output, hf.FusedBertOutput)
