@@ -52,7 +52,7 @@ class Case:
     dtype: str  # bf16 | fp16 | fp32 | mix
     hidden: int
     head_dim: int = 0  # attention only
-    layout: str = "rows"  # attention: padded | padded+mask | varlen; mlm_loss: [no]grad[+smooth]
+    layout: str = "rows"  # attention: padded | padded+mask | varlen; mlm_loss: [no]grad[+smooth][+nobias]
     dropout: bool = False
     vocab: int = 0  # mlm_loss only
 
@@ -68,9 +68,9 @@ class Case:
         return " ".join(parts)
 
 
-def _mlm_loss_case(dtype: str, vocab: int, write_grad: bool, smoothing: bool) -> Case:
+def _mlm_loss_case(dtype: str, vocab: int, write_grad: bool, smoothing: bool, bias: bool) -> Case:
     """A case of the kernel's own list (fastbert.kernels.mlm_head: SM90_CASES, sm90_full_cases)."""
-    layout = ("grad" if write_grad else "nograd") + ("+smooth" if smoothing else "")
+    layout = ("grad" if write_grad else "nograd") + ("+smooth" if smoothing else "") + ("" if bias else "+nobias")
     return Case("mlm_loss", dtype, 768, layout=layout, vocab=vocab)
 
 
@@ -81,7 +81,7 @@ def case_set(name: str) -> list[Case]:
         return [Case("bias_gelu", "bf16", 768)]
     if name == "quick":
         return [Case("attention", "bf16", 768, 64, "padded+mask", True), Case("layer_norm", "bf16", 768, dropout=True),
-                Case("bias_gelu", "bf16", 3072), _mlm_loss_case("bf16", 30522, True, False)]
+                Case("bias_gelu", "bf16", 3072), _mlm_loss_case("bf16", 30522, True, False, True)]
     from fastbert.kernels import mlm_head
 
     if name == "default":
@@ -344,8 +344,10 @@ def _run_mlm_loss(case: Case) -> None:
     from fastbert.ops.mlm_head import padded_width
 
     rows = 4096
-    buffer = _tensor((rows, padded_width(case.vocab)), _DTYPES[case.dtype])  # the op's padded logits buffer
-    mlm_head.cross_entropy_rows_(buffer, case.vocab, _tensor((rows,), torch.int64), _tensor((rows,), torch.float32),
+    dtype, width = _DTYPES[case.dtype], padded_width(case.vocab)
+    buffer = _tensor((rows, width), dtype)  # the op's padded logits buffer, and its padded bias
+    bias = None if "nobias" in case.layout else _tensor((width,), dtype)
+    mlm_head.cross_entropy_rows_(buffer, case.vocab, bias, _tensor((rows,), torch.int64), _tensor((rows,), torch.float32),
                                  _tensor((rows,), torch.int32), -100, 0.1 if "smooth" in case.layout else 0.0,
                                  case.layout.startswith("grad"))
 

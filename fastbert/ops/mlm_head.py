@@ -71,12 +71,15 @@ def _accumulation_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if compute_dtype == torch.float64 else torch.float32
 
 
-def _cross_entropy_rows_torch(buffer, vocab, targets, loss_rows, correct_rows, ignore_index, label_smoothing,
+def _cross_entropy_rows_torch(buffer, vocab, bias, targets, loss_rows, correct_rows, ignore_index, label_smoothing,
                               write_grad) -> None:
-    """The torch cross-entropy step, as the kernel (:mod:`fastbert.kernels.mlm_head`) computes it: in
-    place over the chunk (a 16-bit chunk through one fp32 copy); nothing else of the chunk's size."""
+    """The torch cross-entropy step, as the kernel (:mod:`fastbert.kernels.mlm_head`) computes it (the
+    bias added in fp32): in place over the chunk (a 16-bit chunk through one fp32 copy); nothing else
+    of the chunk's size."""
     logits = buffer[:, :vocab]
     z = logits.to(loss_rows.dtype)  # the buffer itself when it is fp32/fp64: overwritten below
+    if bias is not None:
+        z.add_(bias[:vocab])
     valid = targets != ignore_index
     in_range = (targets >= 0) & (targets < vocab)
     safe_targets = torch.where(in_range, targets, 0)[:, None]
@@ -119,19 +122,20 @@ def _chunked_forward(hidden, weight, bias, targets, ignore_index, label_smoothin
         correct_rows = torch.empty((rows,), dtype=torch.int32, device=device)
         dh = torch.empty(h.shape, dtype=compute_dtype, device=device) if grad_hidden else h.new_empty((0,))
         dw = db = None
-        step = chunk_rows(rows, vocab, compute_dtype)
+        step, width = chunk_rows(rows, vocab, compute_dtype), padded_width(vocab)
         # One buffer, reused by every chunk (each chunk's GEMMs have read it before the next overwrites it).
-        buffer = torch.empty((min(step, rows), padded_width(vocab)), dtype=compute_dtype, device=device)
+        buffer = torch.empty((min(step, rows), width), dtype=compute_dtype, device=device)
+        # The bias, padded as a row: the cross-entropy step adds it to the logits as it reads them.
+        padded_bias = torch.zeros((width,), dtype=compute_dtype, device=device) if b is not None else None
+        if padded_bias is not None:
+            padded_bias[:vocab] = b
         for start in range(0, rows, step):
             end = min(start + step, rows)
             chunk = buffer[: end - start]
             logits, h_chunk = chunk[:, :vocab], h[start:end]
-            if b is not None:
-                torch.addmm(b, h_chunk, w.t(), out=logits)
-            else:
-                torch.mm(h_chunk, w.t(), out=logits)
-            ce_step(chunk, vocab, targets[start:end], loss_rows[start:end], correct_rows[start:end], ignore_index,
-                    label_smoothing, write_grad)
+            torch.mm(h_chunk, w.t(), out=logits)
+            ce_step(chunk, vocab, padded_bias, targets[start:end], loss_rows[start:end], correct_rows[start:end],
+                    ignore_index, label_smoothing, write_grad)
             if grad_hidden:
                 torch.mm(logits, w, out=dh[start:end])
             if grad_weight:

@@ -112,3 +112,28 @@ def test_torch_compile_inductor():
     assert (eager[0] - compiled[0]).abs() <= 1e-6 * eager[0].abs()
     for a, c in zip(eager[2], compiled[2]):
         assert torch.equal(a, c)
+
+
+def test_gemms_take_the_padded_chunk_without_a_copy():
+    """cuBLAS takes the padded buffer's row stride as a leading dimension: the logits GEMM writes into
+    it, and the gradient GEMMs read from it, with no temporary the size of the chunk."""
+    rows, vocab, hidden = 4096, 30522, 768
+    h = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16)
+    buffer = torch.empty(rows, mlm_head.padded_width(vocab), device="cuda", dtype=torch.bfloat16)
+    logits = buffer[:, :vocab]
+    dh = torch.empty_like(h)
+    # (GEMM, bytes of the result it allocates)
+    gemms = [(lambda: torch.mm(h, w.t(), out=logits), 0), (lambda: torch.mm(logits, w, out=dh), 0),
+             (lambda: torch.mm(logits.t(), h), w.numel() * 2)]
+    for gemm, result_bytes in gemms:
+        gemm()  # cuBLAS' workspace is allocated on first use
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        gemm()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - before - result_bytes
+        assert extra < logits.numel() * 2 // 4, extra
+    assert logits.data_ptr() == buffer.data_ptr()
+    assert (logits.float() - (h.float() @ w.float().t())).abs().max() <= 0.05 * (h.float() @ w.float().t()).abs().max()
