@@ -341,10 +341,10 @@ def _run_bias_gelu(case: Case) -> None:
 
 def _run_mlm_loss(case: Case) -> None:
     from fastbert.kernels import mlm_head
-    from fastbert.ops.mlm_head import padded_width
+    from fastbert.kernels.limits import mlm_logits_width
 
     rows = 4096
-    dtype, width = _DTYPES[case.dtype], padded_width(case.vocab)
+    dtype, width = _DTYPES[case.dtype], mlm_logits_width(case.vocab)
     buffer = _tensor((rows, width), dtype)  # the op's padded logits buffer, and its padded bias
     bias = None if "nobias" in case.layout else _tensor((width,), dtype)
     mlm_head.cross_entropy_rows_(buffer, case.vocab, bias, _tensor((rows,), torch.int64), _tensor((rows,), torch.float32),

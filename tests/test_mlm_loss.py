@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastbert import backend, ops
 from fastbert._validation import DtypeError
+from fastbert.kernels.limits import mlm_logits_width
 from fastbert.ops import mlm_head
 from tests.kernel_checks import assert_error_within
 
@@ -79,7 +80,7 @@ def test_many_chunks_match_one(monkeypatch, path):
     """Chunks of 5 rows (the last one short) give the reference's figures, as one chunk does."""
     h, w, b, targets = make_inputs(37, 16, 97)
     whole = check_against_reference(path, h, w, b, targets)
-    monkeypatch.setattr(mlm_head, "CHUNK_BYTES", 5 * mlm_head.padded_width(97) * 4)
+    monkeypatch.setattr(mlm_head, "CHUNK_BYTES", 5 * mlm_logits_width(97) * 4)
     assert mlm_head.chunk_rows(37, 97, torch.float32) == 5
     chunked = check_against_reference(path, h, w, b, targets)
     assert torch.equal(whole[1], chunked[1])
@@ -92,10 +93,10 @@ def test_chunk_rule():
                                (20_000, 30522, torch.float32), (4096, 250_002, torch.float32), (7, 97, torch.float32)]:
         step = mlm_head.chunk_rows(rows, vocab, dtype)
         chunks = -(-rows // step)
-        assert step * mlm_head.padded_width(vocab) * dtype.itemsize <= budget
-        assert chunks == -(-rows * mlm_head.padded_width(vocab) * dtype.itemsize // budget)
+        assert step * mlm_logits_width(vocab) * dtype.itemsize <= budget
+        assert chunks == -(-rows * mlm_logits_width(vocab) * dtype.itemsize // budget)
         assert rows - (chunks - 1) * step > 0
-    assert mlm_head.padded_width(30522) == 30528 and mlm_head.padded_width(32) == 32
+    assert mlm_logits_width(30522) == 30528 and mlm_logits_width(32) == 32
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -253,7 +254,7 @@ def test_float64_raises_under_triton_and_runs_chunked_under_auto():
 
 def test_gradcheck_float64(monkeypatch):
     """The backward's formula (ignored rows, label smoothing, several chunks) against finite differences."""
-    monkeypatch.setattr(mlm_head, "CHUNK_BYTES", 3 * mlm_head.padded_width(13) * 8)
+    monkeypatch.setattr(mlm_head, "CHUNK_BYTES", 3 * mlm_logits_width(13) * 8)
     h, w, b, targets = make_inputs(7, 5, 13, torch.float64)
     for smoothing in (0.0, 0.2):
         def loss(h, w, b, smoothing=smoothing):

@@ -26,19 +26,17 @@ import torch.nn.functional as F
 
 from fastbert import backend
 from fastbert._validation import DtypeError, check_floating, check_tensor, value_checks_cheap
-from fastbert.kernels.limits import KERNEL_DTYPES  # triton-free
+from fastbert.kernels.limits import KERNEL_DTYPES, mlm_logits_width  # triton-free
 from fastbert.ops._triton import kernel_module
 
 IGNORE_INDEX = -100
-# The chunk rule: a chunk's logits buffer (rows x the vocabulary rounded up to ROW_ALIGN, in the compute
-# dtype) takes at most CHUNK_BYTES, and the rows are split into equal chunks. 1 GiB keeps the GEMMs
-# large (BERT's 30522-word vocabulary: 17 k bf16 rows per chunk; XLM-R's 250002: 2 k) while the peak
-# stays a small part of the full logits' (20 k x 250002 targets: 10 GB in bf16, then their fp32
-# copy and gradient). The torch step works on an fp32 copy of a 16-bit chunk: twice the bytes there.
+# The chunk rule: a chunk's logits buffer (rows x the vocabulary padded to a multiple of 16,
+# kernels.limits.mlm_logits_width, in the compute dtype) takes at most CHUNK_BYTES, and the rows are
+# split into equal chunks. 1 GiB keeps the GEMMs large (BERT's 30522-word vocabulary: 17 k bf16 rows
+# per chunk; XLM-R's 250002: 2 k) while the peak stays a small part of the full logits' (20 k x 250002
+# targets: 10 GB in bf16, then their fp32 copy and gradient). The torch step works on an fp32 copy of
+# a 16-bit chunk: twice the bytes there.
 CHUNK_BYTES = 1 << 30
-# Row stride of the logits buffer: a multiple of 16 elements, so rows start 16-byte (32 for fp32)
-# aligned: the kernel's loads vectorise and cuBLAS gets aligned leading dimensions (30522 is not).
-ROW_ALIGN = 16
 
 
 def mlm_loss_reference(hidden: torch.Tensor, decoder_weight: torch.Tensor, decoder_bias: torch.Tensor | None,
@@ -57,14 +55,10 @@ def mlm_loss_reference(hidden: torch.Tensor, decoder_weight: torch.Tensor, decod
 def chunk_rows(rows: int, vocab: int, dtype: torch.dtype) -> int:
     """Rows per chunk: as many as keep one chunk's logits buffer within :data:`CHUNK_BYTES` (at least
     one), then evened out so that every chunk but the last has the same count and none is a sliver."""
-    width = padded_width(vocab)
+    width = mlm_logits_width(vocab)
     limit = max(1, CHUNK_BYTES // (width * dtype.itemsize))
     chunks = max(1, math.ceil(rows / limit))
     return max(1, math.ceil(rows / chunks))
-
-
-def padded_width(vocab: int) -> int:
-    return -(-vocab // ROW_ALIGN) * ROW_ALIGN
 
 
 def _accumulation_dtype(compute_dtype: torch.dtype) -> torch.dtype:
@@ -122,7 +116,7 @@ def _chunked_forward(hidden, weight, bias, targets, ignore_index, label_smoothin
         correct_rows = torch.empty((rows,), dtype=torch.int32, device=device)
         dh = torch.empty(h.shape, dtype=compute_dtype, device=device) if grad_hidden else h.new_empty((0,))
         dw = db = None
-        step, width = chunk_rows(rows, vocab, compute_dtype), padded_width(vocab)
+        step, width = chunk_rows(rows, vocab, compute_dtype), mlm_logits_width(vocab)
         # One buffer, reused by every chunk (each chunk's GEMMs have read it before the next overwrites it).
         buffer = torch.empty((min(step, rows), width), dtype=compute_dtype, device=device)
         # The bias, padded as a row: the cross-entropy step adds it to the logits as it reads them.

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fastbert import backend, ops
+from fastbert.kernels.limits import mlm_logits_width
 from fastbert.ops import mlm_head
 from tests.kernel_checks import assert_error_within
 
@@ -65,7 +66,7 @@ def test_16_bit_weights_and_a_loss_scale(dtype, grad_loss):
 def test_many_chunks(monkeypatch):
     h, w, b, t = _inputs(3000, 30522)
     one = _loss_and_grads(_fused, (h, w, b), t, 1.0, torch.bfloat16)
-    monkeypatch.setattr(mlm_head, "CHUNK_BYTES", 700 * mlm_head.padded_width(30522) * 2)
+    monkeypatch.setattr(mlm_head, "CHUNK_BYTES", 700 * mlm_logits_width(30522) * 2)
     assert mlm_head.chunk_rows(3000, 30522, torch.bfloat16) < 700
     many = _loss_and_grads(_fused, (h, w, b), t, 1.0, torch.bfloat16)
     assert (one[0] - many[0]).abs() <= 1e-5 * one[0].abs()
@@ -120,7 +121,7 @@ def test_gemms_take_the_padded_chunk_without_a_copy():
     rows, vocab, hidden = 4096, 30522, 768
     h = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16)
-    buffer = torch.empty(rows, mlm_head.padded_width(vocab), device="cuda", dtype=torch.bfloat16)
+    buffer = torch.empty(rows, mlm_logits_width(vocab), device="cuda", dtype=torch.bfloat16)
     logits = buffer[:, :vocab]
     dh = torch.empty_like(h)
     # (GEMM, bytes of the result it allocates)
