@@ -75,6 +75,15 @@ def _ratio(rows, op, mode, baseline, *needles, ours="fastbert"):
     return min(b.ms_median / m.ms_median for m, b in pairs) if pairs else None
 
 
+def _memory_ratio(rows, shape):
+    """The reference's peak memory over the op's (the Triton kernel's; the chunked torch path's in a run
+    without it, e.g. on the CPU) for the mlm_loss case ``shape``."""
+    peaks = {r.provider: r.peak_mem_mb for r in _measured(rows)
+             if r.op == "mlm_loss" and r.shape == shape and r.peak_mem_mb}
+    ours = peaks.get("fastbert", peaks.get("chunked"))
+    return peaks["reference"] / ours if ours and "reference" in peaks else None
+
+
 def _mfu(rows, peaks, *needles):
     r = _find(rows, "model", "fastbert", "step", *needles)
     return 100 * r[0].tflops / peaks.gemm_tflops if r and r[0].tflops is not None and peaks.gemm_tflops else None
@@ -108,6 +117,12 @@ GOALS = (
          lambda rows, p: _ratio(rows, "masking", "mlm", "hf_collator")),
     Goal("MLMCollator (pad + mask, 1 thread) vs HF DataCollatorForLanguageModeling", 30, "x",
          lambda rows, p: _ratio(rows, "masking", "mlm", "hf_collator", ours="fastbert_collator")),
+    Goal("MLM loss + backward, 20 k targets x 30522: reference peak memory / fastbert's", 4.0, "x",
+         lambda rows, p: _memory_ratio(rows, "T20480 V30522 H768")),
+    Goal("MLM loss + backward, 20 k targets x 250002: reference peak memory / fastbert's", 10.0, "x",
+         lambda rows, p: _memory_ratio(rows, "T20480 V250002 H768")),
+    Goal("MLM loss + backward vs the unfused head (time)", 1.0, "x",
+         lambda rows, p: _ratio(rows, "mlm_loss", "fwd+bwd", "reference")),
     Goal("patched HF BERT-base seq512 mix vs HF SDPA", 2.0, "x",
          lambda rows, p: _ratio(rows, "patched_hf", "step", "hf_sdpa", "L512 ", "mix", ours="patched")),
     Goal("sentence embeddings (SentenceTransformer.encode) patched vs SDPA", 2.0, "x",

@@ -20,7 +20,7 @@ from . import ceilings, report
 from .common import DTYPES, Row, environment, format_table, stamp, write_csv
 
 # Subject name → module (benchmarks/bench_<name>.py); run in this order.
-SUBJECTS = ("attention", "layer_norm", "bias_gelu", "bert_layer", "model", "patched_hf", "embeddings", "masking", "data")
+SUBJECTS = ("attention", "layer_norm", "bias_gelu", "mlm_loss", "bert_layer", "model", "patched_hf", "embeddings", "masking", "data")
 # Run only when asked for (--only static): compiles every kernel for sm_90 on the CPU, minutes of ptxas.
 OPT_IN_SUBJECTS = ("static",)
 

@@ -39,7 +39,7 @@ WARP_SIZE = 32
 SMEM_PER_BLOCK_MAX = 227 * 1024
 SM_COUNT = 132  # what the launchers' per-SM program counts see
 
-KERNEL_MODULES = ("flash_attention", "layer_norm", "gelu", "column_sum")
+KERNEL_MODULES = ("flash_attention", "layer_norm", "gelu", "column_sum", "mlm_head")
 
 
 # ---- cases: which launcher calls to capture ------------------------------------------------------
@@ -48,21 +48,30 @@ class Case:
     """One call of an op's forward and backward launchers. dtype "mix" is the autocast mix: bf16
     activations with fp32 residual and weights (LayerNorm), bf16 input with an fp32 bias (GELU)."""
 
-    op: str  # attention | layer_norm | bias_gelu
+    op: str  # attention | layer_norm | bias_gelu | mlm_loss
     dtype: str  # bf16 | fp16 | fp32 | mix
     hidden: int
     head_dim: int = 0  # attention only
-    layout: str = "rows"  # attention: padded | padded+mask | varlen
+    layout: str = "rows"  # attention: padded | padded+mask | varlen; mlm_loss: [no]grad[+smooth][+nobias]
     dropout: bool = False
+    vocab: int = 0  # mlm_loss only
 
     @property
     def label(self) -> str:
+        if self.op == "mlm_loss":
+            return f"{self.op} {self.dtype} V{self.vocab} {self.layout}"
         parts = [self.op, self.dtype, f"N{self.hidden}"]
         if self.op == "attention":
             parts += [f"D{self.head_dim}", self.layout]
         if self.op != "bias_gelu":
             parts.append("drop" if self.dropout else "nodrop")
         return " ".join(parts)
+
+
+def _mlm_loss_case(dtype: str, vocab: int, write_grad: bool, smoothing: bool, bias: bool) -> Case:
+    """A case of the kernel's own list (fastbert.kernels.mlm_head: SM90_CASES, sm90_full_cases)."""
+    layout = ("grad" if write_grad else "nograd") + ("+smooth" if smoothing else "") + ("" if bias else "+nobias")
+    return Case("mlm_loss", dtype, 768, layout=layout, vocab=vocab)
 
 
 def case_set(name: str) -> list[Case]:
@@ -72,7 +81,9 @@ def case_set(name: str) -> list[Case]:
         return [Case("bias_gelu", "bf16", 768)]
     if name == "quick":
         return [Case("attention", "bf16", 768, 64, "padded+mask", True), Case("layer_norm", "bf16", 768, dropout=True),
-                Case("bias_gelu", "bf16", 3072)]
+                Case("bias_gelu", "bf16", 3072), _mlm_loss_case("bf16", 30522, True, False, True)]
+    from fastbert.kernels import mlm_head
+
     if name == "default":
         return [
             Case("attention", "bf16", 768, 64, "padded+mask", True),
@@ -86,7 +97,7 @@ def case_set(name: str) -> list[Case]:
             Case("layer_norm", "fp16", 1024, dropout=False),
             Case("bias_gelu", "bf16", 3072),
             Case("bias_gelu", "mix", 768),
-        ]
+        ] + [_mlm_loss_case(*case) for case in mlm_head.SM90_CASES]
     if name != "full":
         raise ValueError(f"unknown case set {name!r}: choose smoke, quick, default or full")
     from fastbert.kernels.limits import attention_head_dims
@@ -112,6 +123,7 @@ def case_set(name: str) -> list[Case]:
                 cases.append(Case("layer_norm", dtype, hidden, dropout=dropout))
         for hidden in (768, 1024, 3072, 4096):
             cases.append(Case("bias_gelu", dtype, hidden))
+    cases += [_mlm_loss_case(*case) for case in mlm_head.sm90_full_cases()]
     return cases
 
 
@@ -327,7 +339,21 @@ def _run_bias_gelu(case: Case) -> None:
     bg.bias_gelu_bwd(_tensor((rows, n), act), x, bias, _tensor((rows, n), act), _tensor((n,), param))
 
 
-_RUNNERS = {"attention": _run_attention, "layer_norm": _run_layer_norm, "bias_gelu": _run_bias_gelu}
+def _run_mlm_loss(case: Case) -> None:
+    from fastbert.kernels import mlm_head
+    from fastbert.kernels.limits import mlm_logits_width
+
+    rows = 4096
+    dtype, width = _DTYPES[case.dtype], mlm_logits_width(case.vocab)
+    buffer = _tensor((rows, width), dtype)  # the op's padded logits buffer, and its padded bias
+    bias = None if "nobias" in case.layout else _tensor((width,), dtype)
+    mlm_head.cross_entropy_rows_(buffer, case.vocab, bias, _tensor((rows,), torch.int64), _tensor((rows,), torch.float32),
+                                 _tensor((rows,), torch.int32), -100, 0.1 if "smooth" in case.layout else 0.0,
+                                 case.layout.startswith("grad"))
+
+
+_RUNNERS = {"attention": _run_attention, "layer_norm": _run_layer_norm, "bias_gelu": _run_bias_gelu,
+            "mlm_loss": _run_mlm_loss}
 
 
 def capture(cases: list[Case]) -> list[Launch]:

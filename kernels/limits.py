@@ -37,6 +37,17 @@ def padded_block(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
+# The MLM loss's chunk of logits lives in a buffer whose rows are padded to a multiple of 16 elements:
+# rows start aligned for cuBLAS, and the cross-entropy kernel's tiles load as 16-byte vectors whatever
+# the vocabulary (BERT's 30522 is not even a multiple of 8).
+MLM_ROW_ALIGN = 16
+
+
+def mlm_logits_width(vocab: int) -> int:
+    """The row stride of the MLM loss's logits buffer for a vocabulary of ``vocab``."""
+    return -(-vocab // MLM_ROW_ALIGN) * MLM_ROW_ALIGN
+
+
 def dtype_unsupported(tensors: dict[str, torch.Tensor | None]) -> str:
     """Why the kernels cannot take these tensors' dtypes ('' when they can); ``None`` entries are absent."""
     for name, t in tensors.items():

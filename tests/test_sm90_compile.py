@@ -17,7 +17,7 @@ from fastbert.kernels.limits import attention_head_dims, padded_block  # noqa: E
 
 # Every kernel of fastbert.kernels must show up: a launcher that stops launching one is a failure here.
 ALL_KERNELS = {"_attention_fwd_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel", "_fwd_kernel",
-               "_bwd_kernel", "_column_sum_kernel"}
+               "_bwd_kernel", "_column_sum_kernel", "_mlm_cross_entropy_kernel"}
 # Attention dots that must run on Hopper's wgmma (the dK/dV kernel's transposed dots may use mma.sync).
 WGMMA_KERNELS = ("_attention_fwd_kernel", "_attention_bwd_dq_kernel")
 
@@ -40,6 +40,7 @@ def check(rows):
         if r.kernel in WGMMA_KERNELS and " fp32 " not in f" {r.case} " and (r.other_dots or not r.wgmma_dots):
             failures.append(f"{where}: {r.other_dots} of {r.other_dots + r.wgmma_dots} dots not on wgmma")
     failures += _unvectorised_attention(rows)
+    failures += _unvectorised_mlm_loss(rows)
     assert not failures, "\n".join(failures)
     kernels = {r.kernel for r in rows}
     assert ALL_KERNELS <= kernels, f"kernels never launched: {ALL_KERNELS - kernels}"
@@ -66,6 +67,15 @@ def _unvectorised_attention(rows):
             failures.append(f"attention {dtype} D{head_dim} {' | '.join(rest)}: {count} vector loads, "
                             f"{reference[0]} at D{block_d}")
     return failures
+
+
+def _unvectorised_mlm_loss(rows):
+    """The MLM cross-entropy kernel reads rows of the op's padded logits buffer (a multiple of 16
+    elements wide, masked beyond the vocabulary): from tiles of 8 elements per thread on (vocabularies
+    over 128), whatever the vocabulary's divisibility, its loads must be 16-byte vectors."""
+    return [f"{r.case} | {r.kernel} | {r.config}: no 16-byte vector load" for r in rows
+            if r.kernel == "_mlm_cross_entropy_kernel" and not r.error and int(r.case.split()[2][1:]) > 128
+            and not r.ld_global_v4]
 
 
 @pytest.mark.parametrize("configs", ["_FWD_CONFIGS", "_BWD_DQ_CONFIGS", "_BWD_DKDV_CONFIGS"])
@@ -142,6 +152,11 @@ def test_representative_subset_compiles_for_sm90():
     # fp32 attention (FMA dots, its own configurations) is in the subset: it too must not spill.
     assert {r.kernel for r in rows if r.case.startswith("attention fp32")} == set(WGMMA_KERNELS) | {
         "_attention_bwd_dkdv_kernel"}
+    # Every MLM cross-entropy case of the kernel's list compiled (and, by check(), without spills).
+    from fastbert.kernels.mlm_head import SM90_CASES
+
+    mlm = {r.case for r in rows if r.kernel == "_mlm_cross_entropy_kernel"}
+    assert len(mlm) == len(SM90_CASES)
 
 
 @pytest.mark.slow

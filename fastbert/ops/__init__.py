@@ -5,6 +5,7 @@ ops as ``*_reference``. A Triton-backed op's file has the name of its kernels' f
 from fastbert.ops.flash_attention import attention, attention_reference, attention_varlen, attention_varlen_reference
 from fastbert.ops.gelu import bias_gelu, bias_gelu_reference
 from fastbert.ops.layer_norm import dropout_add_layer_norm, dropout_add_layer_norm_reference
+from fastbert.ops.mlm_head import mlm_loss, mlm_loss_reference
 from fastbert.ops.padding import gather_tokens, pad_input, unpad_input, unpad_metadata, unpad_metadata_reference
 
 __all__ = [
@@ -17,6 +18,8 @@ __all__ = [
     "dropout_add_layer_norm",
     "dropout_add_layer_norm_reference",
     "gather_tokens",
+    "mlm_loss",
+    "mlm_loss_reference",
     "pad_input",
     "unpad_input",
     "unpad_metadata",
