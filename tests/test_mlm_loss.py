@@ -361,8 +361,8 @@ def test_no_host_sync(monkeypatch, path):
 def test_custom_op_passes_opcheck():
     h, w, b, targets = (t.detach() for t in make_inputs(6, 8, 37))
     for flags in ((True, True, True), (False, True, False), (False, False, False)):
-        torch.library.opcheck(mlm_head._fwd_op, (h, w, b, targets, -100, 0.1, torch.float32, *flags, False))
-    torch.library.opcheck(mlm_head._fwd_op, (h, w, None, targets, -100, 0.0, torch.float32, True, True, False, False))
+        torch.library.opcheck(mlm_head._forward.custom_op, (h, w, b, targets, -100, 0.1, torch.float32, *flags, False))
+    torch.library.opcheck(mlm_head._forward.custom_op, (h, w, None, targets, -100, 0.0, torch.float32, True, True, False, False))
 
 
 @pytest.mark.parametrize("path", PATHS)

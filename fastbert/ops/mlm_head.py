@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from fastbert import backend
 from fastbert._validation import DtypeError, check_floating, check_tensor, value_checks_cheap
 from fastbert.kernels.limits import KERNEL_DTYPES, mlm_logits_width  # triton-free
-from fastbert.ops._triton import kernel_module
+from fastbert.ops._dispatch import kernel_module, kernel_op
 
 IGNORE_INDEX = -100
 # The chunk rule: a chunk's logits buffer (rows x the vocabulary padded to a multiple of 16,
@@ -156,8 +156,8 @@ def _accumulate_mm(total, a, b, accumulate):
     return part.to(accumulate) if total is None else total.add_(part)
 
 
-@torch.library.custom_op("fastbert::mlm_loss_fwd", mutates_args=())
-def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+@kernel_op("mlm_loss_fwd")
+def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
             ignore_index: int, label_smoothing: float, compute_dtype: torch.dtype, grad_hidden: bool,
             grad_weight: bool, grad_bias: bool, use_kernel: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -165,7 +165,7 @@ def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                             grad_weight, grad_bias, use_kernel)
 
 
-@_fwd_op.register_fake
+@_forward.register_fake
 def _fwd_fake(hidden, weight, bias, targets, ignore_index, label_smoothing, compute_dtype, grad_hidden, grad_weight,
               grad_bias, use_kernel):
     accumulate = _accumulation_dtype(compute_dtype)
@@ -176,13 +176,6 @@ def _fwd_fake(hidden, weight, bias, targets, ignore_index, label_smoothing, comp
     return (hidden.new_empty((), dtype=accumulate), hidden.new_empty((), dtype=torch.int64),
             grad(grad_hidden, hidden.shape, compute_dtype), grad(grad_weight, weight.shape, accumulate),
             grad(grad_bias, (weight.shape[0],), accumulate))
-
-
-def _forward(*args):
-    """The chunked forward: through the custom op while torch.compile traces, straight to it in eager mode."""
-    if torch.compiler.is_compiling():
-        return _fwd_op(*args)
-    return _chunked_forward(*args)
 
 
 class _MlmLoss(torch.autograd.Function):
