@@ -36,6 +36,7 @@ No autograd here: ``fastbert.ops.attention`` wraps :func:`forward` and :func:`ba
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 import triton
@@ -77,24 +78,6 @@ def _locate_sequence(pid_bh, num_heads, seqlen, CU_SEQLENS, IS_VARLEN: tl.conste
 
 
 @triton.jit
-def _head_offset(b64, h, stride_b, stride_h):
-    """Element offset of head h of sequence b's batch row (a multiple of STRIDE_MULTIPLE)."""
-    return tl.multiple_of(b64 * stride_b + h * stride_h, STRIDE_MULTIPLE)
-
-
-@triton.jit
-def _token_offset(tok, stride_t):
-    """Element offset of token ``tok`` (a multiple of STRIDE_MULTIPLE)."""
-    return tl.multiple_of(tok * stride_t, STRIDE_MULTIPLE)
-
-
-@triton.jit
-def _row_offsets(tokens, stride_t):
-    """Element offsets (len(tokens), 1) of those tokens (multiples of STRIDE_MULTIPLE)."""
-    return tl.multiple_of(tokens * stride_t, [STRIDE_MULTIPLE])[:, None]
-
-
-@triton.jit
 def _token_span(SPANS, b, n, HAS_MASK: tl.constexpr):
     """(lo, hi, dense): real tokens of sequence b lie in [lo, hi); ``dense`` (0/1) says all of them are
     real, so the mask need not be read. Without a mask: the whole sequence, dense."""
@@ -110,6 +93,46 @@ def _token_span(SPANS, b, n, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _open_block(SPANS, b, tok0, n, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr):
+    """What every kernel needs once its block is known to hold tokens (after the early return):
+    (lo, hi, dense) of :func:`_token_span`, the head-dim offsets and which of them are real, and the
+    batch index and first token as int64 (so that element offsets of large tensors do not overflow)."""
+    lo, hi, dense = _token_span(SPANS, b, n, HAS_MASK)
+    offs_d = tl.arange(0, BLOCK_D)
+    return lo, hi, dense, offs_d, offs_d < HEAD_DIM, b.to(tl.int64), tok0.to(tl.int64)
+
+
+@triton.jit
+def _head_offset(b64, h, stride_b, stride_h):
+    """Element offset of head h of sequence b's batch row (a multiple of STRIDE_MULTIPLE)."""
+    return tl.multiple_of(b64 * stride_b + h * stride_h, STRIDE_MULTIPLE)
+
+
+@triton.jit
+def _row_offsets(tokens, stride_t):
+    """Element offsets (len(tokens), 1) of those tokens (multiples of STRIDE_MULTIPLE)."""
+    return tl.multiple_of(tokens * stride_t, [STRIDE_MULTIPLE])[:, None]
+
+
+@triton.jit
+def _tile_ptrs(BASE, b64, h, tokens, offs_d, stride_b, stride_t, stride_h):
+    """Pointers (len(tokens), BLOCK_D) to head h of ``tokens`` (indices in the tensor's token dim)."""
+    return BASE + _head_offset(b64, h, stride_b, stride_h) + _row_offsets(tokens, stride_t) + offs_d[None, :]
+
+
+@triton.jit
+def _sequence_base(BASE, b64, h, tok64, stride_b, stride_t, stride_h):
+    """Pointer to head h of the sequence's first token: a loop over its blocks adds the rows' offsets."""
+    return BASE + _head_offset(b64, h, stride_b, stride_h) + tl.multiple_of(tok64 * stride_t, STRIDE_MULTIPLE)
+
+
+@triton.jit
+def _lse_row0(b64, tok64, seqlen, IS_VARLEN: tl.constexpr):
+    """Row of the sequence's first token in LSE / DELTA (heads, rows)."""
+    return tok64 if IS_VARLEN else b64 * seqlen
+
+
+@triton.jit
 def _real_tokens(KEEP, b, idx, lo, hi, dense, stride_keep_b, HAS_MASK: tl.constexpr):
     """Which positions ``idx`` hold real tokens: inside the span and, for a span with holes, not padding
     by the mask (a dense span leaves the load's lanes all off, so it reads nothing)."""
@@ -118,6 +141,35 @@ def _real_tokens(KEEP, b, idx, lo, hi, dense, stride_keep_b, HAS_MASK: tl.conste
         keep = tl.load(KEEP + b.to(tl.int64) * stride_keep_b + idx, mask=real & (dense == 0), other=1)
         real = real & (keep != 0)
     return real
+
+
+@triton.jit
+def _load_key_block(k_base, v_base, cols, real, offs_d, in_dim, stride_kt, stride_vt):
+    """K and V rows ``cols`` of the sequence (from :func:`_sequence_base`); zeros where not ``real``."""
+    kv_mask = real[:, None] & in_dim[None, :]
+    k = tl.load(k_base + _row_offsets(cols, stride_kt) + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + _row_offsets(cols, stride_vt) + offs_d[None, :], mask=kv_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _bwd_tile(q, k, v, do, lse, delta, real, rows, start_n, pid_bh, seed, dropout_p, scale_log2,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """One (query block, key block) tile of the backward, recomputed from the forward's LSE: returns
+    (P as the forward applied it to V: dropped and rescaled, dS = P * (dP - delta)), where dS is the
+    gradient of the scores before ``softmax_scale`` (the callers apply it once, to dQ and dK). The dQ
+    kernel drops the first (the compiler removes what it does not use)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    p = tl.where(real[None, :], tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = keep_mask(seed, pid_bh, rows, start_n, dropout_p, BLOCK_M, BLOCK_N)
+        p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    else:
+        p_dropped = p
+    return p_dropped, p * (dp - delta[:, None])
 
 
 @triton.jit(do_not_specialize=["seqlen", "seed", "dropout_p"])
@@ -143,26 +195,22 @@ def _attention_fwd_kernel(
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    """One program per (query block, batch * head): those output rows, looping over the key blocks."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h, tok0, n = _locate_sequence(pid_bh, num_heads, seqlen, CU_SEQLENS, IS_VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= n:
         return
-    lo, hi, dense = _token_span(SPANS, b, n, HAS_MASK)
+    lo, hi, dense, offs_d, in_dim, b64, tok64 = _open_block(SPANS, b, tok0, n, HEAD_DIM, BLOCK_D, HAS_MASK)
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    in_dim = offs_d < HEAD_DIM
     row_ok = rows < n
-    b64 = b.to(tl.int64)
-    tok64 = tok0.to(tl.int64)
 
-    q_ptrs = Q + _head_offset(b64, h, stride_qb, stride_qh) + _row_offsets(tok64 + rows, stride_qt) \
-        + offs_d[None, :]
+    q_ptrs = _tile_ptrs(Q, b64, h, tok64 + rows, offs_d, stride_qb, stride_qt, stride_qh)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & in_dim[None, :], other=0.0)
-    k_base = K + _head_offset(b64, h, stride_kb, stride_kh) + _token_offset(tok64, stride_kt)
-    v_base = V + _head_offset(b64, h, stride_vb, stride_vh) + _token_offset(tok64, stride_vt)
+    k_base = _sequence_base(K, b64, h, tok64, stride_kb, stride_kt, stride_kh)
+    v_base = _sequence_base(V, b64, h, tok64, stride_vb, stride_vt, stride_vh)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -171,9 +219,7 @@ def _attention_fwd_kernel(
     for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         cols = start_n + offs_n
         real = _real_tokens(KEEP, b, cols, lo, hi, dense, stride_keep_b, HAS_MASK)
-        kv_mask = real[:, None] & in_dim[None, :]
-        k = tl.load(k_base + _row_offsets(cols, stride_kt) + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + _row_offsets(cols, stride_vt) + offs_d[None, :], mask=kv_mask, other=0.0)
+        k, v = _load_key_block(k_base, v_base, cols, real, offs_d, in_dim, stride_kt, stride_vt)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         s = tl.where(real[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -193,12 +239,10 @@ def _attention_fwd_kernel(
     if HAS_DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
     out = acc * inv_l[:, None]
-    o_ptrs = OUT + _head_offset(b64, h, stride_ob, stride_oh) + _row_offsets(tok64 + rows, stride_ot) \
-        + offs_d[None, :]
+    o_ptrs = _tile_ptrs(OUT, b64, h, tok64 + rows, offs_d, stride_ob, stride_ot, stride_oh)
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & in_dim[None, :])
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
-    lse_row0 = tok64 if IS_VARLEN else b64 * seqlen
-    tl.store(LSE + h * stride_lse_h + lse_row0 + rows, lse, mask=row_ok)
+    tl.store(LSE + h * stride_lse_h + _lse_row0(b64, tok64, seqlen, IS_VARLEN) + rows, lse, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["seqlen", "seed", "dropout_p"])
@@ -228,48 +272,35 @@ def _attention_bwd_dq_kernel(
     start_m = pid_m * BLOCK_M
     if start_m >= n:
         return
-    lo, hi, dense = _token_span(SPANS, b, n, HAS_MASK)
+    lo, hi, dense, offs_d, in_dim, b64, tok64 = _open_block(SPANS, b, tok0, n, HEAD_DIM, BLOCK_D, HAS_MASK)
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    in_dim = offs_d < HEAD_DIM
     row_ok = rows < n
     tile_mask = row_ok[:, None] & in_dim[None, :]
-    b64 = b.to(tl.int64)
-    tok64 = tok0.to(tl.int64)
 
-    q = tl.load(Q + _head_offset(b64, h, stride_qb, stride_qh) + _row_offsets(tok64 + rows, stride_qt)
-                + offs_d[None, :], mask=tile_mask, other=0.0)
-    do = tl.load(DOUT + _head_offset(b64, h, stride_dob, stride_doh) + _row_offsets(tok64 + rows, stride_dot)
-                 + offs_d[None, :], mask=tile_mask, other=0.0)
-    o = tl.load(OUT + _head_offset(b64, h, stride_ob, stride_oh) + _row_offsets(tok64 + rows, stride_ot)
-                + offs_d[None, :], mask=tile_mask, other=0.0)
+    q = tl.load(_tile_ptrs(Q, b64, h, tok64 + rows, offs_d, stride_qb, stride_qt, stride_qh), mask=tile_mask,
+                other=0.0)
+    do = tl.load(_tile_ptrs(DOUT, b64, h, tok64 + rows, offs_d, stride_dob, stride_dot, stride_doh), mask=tile_mask,
+                 other=0.0)
+    o = tl.load(_tile_ptrs(OUT, b64, h, tok64 + rows, offs_d, stride_ob, stride_ot, stride_oh), mask=tile_mask,
+                other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-    lse_row0 = tok64 if IS_VARLEN else b64 * seqlen
-    lse_ptrs = h * stride_lse_h + lse_row0 + rows
+    lse_ptrs = h * stride_lse_h + _lse_row0(b64, tok64, seqlen, IS_VARLEN) + rows
     tl.store(DELTA + lse_ptrs, delta, mask=row_ok)
     lse = tl.load(LSE + lse_ptrs, mask=row_ok, other=float("inf"))
 
-    k_base = K + _head_offset(b64, h, stride_kb, stride_kh) + _token_offset(tok64, stride_kt)
-    v_base = V + _head_offset(b64, h, stride_vb, stride_vh) + _token_offset(tok64, stride_vt)
+    k_base = _sequence_base(K, b64, h, tok64, stride_kb, stride_kt, stride_kh)
+    v_base = _sequence_base(V, b64, h, tok64, stride_vb, stride_vt, stride_vh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         cols = start_n + offs_n
         real = _real_tokens(KEEP, b, cols, lo, hi, dense, stride_keep_b, HAS_MASK)
-        kv_mask = real[:, None] & in_dim[None, :]
-        k = tl.load(k_base + _row_offsets(cols, stride_kt) + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + _row_offsets(cols, stride_vt) + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        p = tl.where(real[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            keep = keep_mask(seed, pid_bh, rows, start_n, dropout_p, BLOCK_M, BLOCK_N)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        ds = p * (dp - delta[:, None])
+        k, v = _load_key_block(k_base, v_base, cols, real, offs_d, in_dim, stride_kt, stride_vt)
+        _, ds = _bwd_tile(q, k, v, do, lse, delta, real, rows, start_n, pid_bh, seed, dropout_p, scale_log2,
+                          BLOCK_M, BLOCK_N, HAS_DROPOUT, DOT_PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     dq = dq * softmax_scale
-    tl.store(DQ + _head_offset(b64, h, stride_dqb, stride_dqh) + _row_offsets(tok64 + rows, stride_dqt)
-             + offs_d[None, :],
+    tl.store(_tile_ptrs(DQ, b64, h, tok64 + rows, offs_d, stride_dqb, stride_dqt, stride_dqh),
              dq.to(DQ.dtype.element_ty), mask=tile_mask)
 
 
@@ -299,31 +330,25 @@ def _attention_bwd_dkdv_kernel(
     start_n = pid_n * BLOCK_N
     if start_n >= n:
         return
-    lo, hi, dense = _token_span(SPANS, b, n, HAS_MASK)
+    lo, hi, dense, offs_d, in_dim, b64, tok64 = _open_block(SPANS, b, tok0, n, HEAD_DIM, BLOCK_D, HAS_MASK)
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    in_dim = offs_d < HEAD_DIM
-    b64 = b.to(tl.int64)
-    tok64 = tok0.to(tl.int64)
     out_mask = (cols < n)[:, None] & in_dim[None, :]
-    dk_ptrs = DK + _head_offset(b64, h, stride_dkb, stride_dkh) + _row_offsets(tok64 + cols, stride_dkt) \
-        + offs_d[None, :]
-    dv_ptrs = DV + _head_offset(b64, h, stride_dvb, stride_dvh) + _row_offsets(tok64 + cols, stride_dvt) \
-        + offs_d[None, :]
+    dk_ptrs = _tile_ptrs(DK, b64, h, tok64 + cols, offs_d, stride_dkb, stride_dkt, stride_dkh)
+    dv_ptrs = _tile_ptrs(DV, b64, h, tok64 + cols, offs_d, stride_dvb, stride_dvt, stride_dvh)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # Key blocks outside the span are all padding: their gradients are exactly zero.
     if (start_n < hi) & (start_n + BLOCK_N > lo):
         real = _real_tokens(KEEP, b, cols, lo, hi, dense, stride_keep_b, HAS_MASK)
         kv_mask = real[:, None] & in_dim[None, :]
-        k = tl.load(K + _head_offset(b64, h, stride_kb, stride_kh) + _row_offsets(tok64 + cols, stride_kt)
-                    + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + _head_offset(b64, h, stride_vb, stride_vh) + _row_offsets(tok64 + cols, stride_vt)
-                    + offs_d[None, :], mask=kv_mask, other=0.0)
-        q_base = Q + _head_offset(b64, h, stride_qb, stride_qh) + _token_offset(tok64, stride_qt)
-        do_base = DOUT + _head_offset(b64, h, stride_dob, stride_doh) + _token_offset(tok64, stride_dot)
-        lse_row0 = tok64 if IS_VARLEN else b64 * seqlen
+        k = tl.load(_tile_ptrs(K, b64, h, tok64 + cols, offs_d, stride_kb, stride_kt, stride_kh), mask=kv_mask,
+                    other=0.0)
+        v = tl.load(_tile_ptrs(V, b64, h, tok64 + cols, offs_d, stride_vb, stride_vt, stride_vh), mask=kv_mask,
+                    other=0.0)
+        q_base = _sequence_base(Q, b64, h, tok64, stride_qb, stride_qt, stride_qh)
+        do_base = _sequence_base(DOUT, b64, h, tok64, stride_dob, stride_dot, stride_doh)
+        lse_row0 = _lse_row0(b64, tok64, seqlen, IS_VARLEN)
         # Padding queries attend to the real keys too, so every query block contributes.
         for start_m in range(0, n, BLOCK_M):
             rows = start_m + offs_m
@@ -333,17 +358,9 @@ def _attention_bwd_dkdv_kernel(
             do = tl.load(do_base + _row_offsets(rows, stride_dot) + offs_d[None, :], mask=tile_mask, other=0.0)
             lse = tl.load(LSE + h * stride_lse_h + lse_row0 + rows, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + h * stride_lse_h + lse_row0 + rows, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-            p = tl.where(real[None, :], tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            if HAS_DROPOUT:
-                keep = keep_mask(seed, pid_bh, rows, start_n, dropout_p, BLOCK_M, BLOCK_N)
-                p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            else:
-                p_dropped = p
+            p_dropped, ds = _bwd_tile(q, k, v, do, lse, delta, real, rows, start_n, pid_bh, seed, dropout_p,
+                                      scale_log2, BLOCK_M, BLOCK_N, HAS_DROPOUT, DOT_PRECISION)
             dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     tl.store(dk_ptrs, (dk * softmax_scale).to(DK.dtype.element_ty), mask=out_mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=out_mask)
@@ -354,33 +371,65 @@ def _attention_bwd_dkdv_kernel(
 # ---------------------------------------------------------------------------------------------------
 _AUTOTUNE_KEY = ["seqlen_bucket", "HEAD_DIM", "IS_VARLEN", "HAS_MASK", "HAS_DROPOUT"]
 
-# Hopper-oriented: large query tiles for the forward, 2-4 pipeline stages. Each entry:
-# (BLOCK_M, BLOCK_N, warps, stages, largest BLOCK_D without dropout, largest BLOCK_D with dropout):
-# past those (padded) head dims the sm_90 compile spills registers (measured with the static report,
-# `python -m benchmarks --only static`; tests/test_sm90_compile.py fails if a kept entry spills), so
-# the autotuner never tries it there. 0 = never with dropout.
+
+class Tile(NamedTuple):
+    """One launch shape of an attention kernel."""
+
+    block_m: int  # query rows per tile
+    block_n: int  # key rows per tile
+    warps: int
+    stages: int
+
+    def config(self) -> triton.Config:
+        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}, num_warps=self.warps,
+                             num_stages=self.stages)
+
+
+class TunedTile(NamedTuple):
+    """An autotuner candidate and the largest padded head dims (BLOCK_D) it compiles at without a
+    spill on sm_90, without and with dropout (0 = never with dropout)."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    max_block_d: int
+    max_block_d_dropout: int
+
+    @property
+    def tile(self) -> Tile:
+        return Tile(self.block_m, self.block_n, self.warps, self.stages)
+
+    def max_head_block(self, dropout: bool) -> int:
+        return self.max_block_d_dropout if dropout else self.max_block_d
+
+
+# Hopper-oriented: large query tiles for the forward, 2-4 pipeline stages. Past each entry's head-dim
+# limits the sm_90 compile spills registers (measured with the static report,
+# `python -m fastbert.kernels.static`; tests/test_sm90_compile.py fails if a kept entry spills), so
+# the autotuner never tries it there.
 _FWD_CONFIGS = [
-    (128, 64, 4, 3, 64, 32),
-    (128, 64, 8, 3, 128, 128),
-    (128, 128, 8, 3, 128, 32),
-    (64, 64, 4, 2, 128, 128),
-    (128, 32, 4, 4, 64, 64),  # spills 8 B at head dim 128 in the varlen layout
+    TunedTile(128, 64, 4, 3, 64, 32),
+    TunedTile(128, 64, 8, 3, 128, 128),
+    TunedTile(128, 128, 8, 3, 128, 32),
+    TunedTile(64, 64, 4, 2, 128, 128),
+    TunedTile(128, 32, 4, 4, 64, 64),  # spills 8 B at head dim 128 in the varlen layout
 ]
 # The dQ kernel favours tall query tiles, dK/dV wide key tiles.
 _BWD_DQ_CONFIGS = [
-    (128, 64, 8, 2, 128, 128),
-    (128, 32, 4, 3, 64, 32),
-    (64, 64, 4, 2, 128, 64),
-    (64, 32, 4, 3, 128, 128),
+    TunedTile(128, 64, 8, 2, 128, 128),
+    TunedTile(128, 32, 4, 3, 64, 32),
+    TunedTile(64, 64, 4, 2, 128, 64),
+    TunedTile(64, 32, 4, 3, 128, 128),
 ]
 _BWD_DKDV_CONFIGS = [
-    (64, 128, 8, 2, 32, 0),
-    (32, 128, 4, 3, 32, 0),
-    (64, 64, 4, 2, 64, 32),
-    (32, 64, 4, 3, 64, 64),
+    TunedTile(64, 128, 8, 2, 32, 0),
+    TunedTile(32, 128, 4, 3, 32, 0),
+    TunedTile(64, 64, 4, 2, 64, 32),
+    TunedTile(32, 64, 4, 3, 64, 64),
     # dK and dV accumulate in registers: at head dim 128 only 32 x 64 on 8 warps fits (static report).
-    (32, 64, 8, 3, 128, 128),
-    (64, 32, 4, 2, 64, 64),
+    TunedTile(32, 64, 8, 3, 128, 128),
+    TunedTile(64, 32, 4, 2, 64, 64),
 ]
 
 
@@ -388,10 +437,10 @@ _BWD_DKDV_CONFIGS = [
 # spill-free at every head dim, with and without dropout (tests/test_sm90_compile.py checks this). The
 # dQ kernel's 64 x 64 on 4 warps spills at head dim 128 with dropout; the dK/dV kernel keeps two
 # (BLOCK_N, head dim) fp32 accumulators, which 32 x 64 tiles on 8 warps hold (sm_90 static report).
-_FIXED_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
-_FIXED_DQ_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3)
-_FIXED_DKDV_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=3)
-_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+_FIXED_CONFIG = Tile(64, 64, 4, 2).config()
+_FIXED_DQ_CONFIG = Tile(64, 32, 4, 3).config()
+_FIXED_DKDV_CONFIG = Tile(32, 64, 8, 3).config()
+_INTERPRETER_CONFIG = Tile(32, 32, 4, 1).config()
 
 # fp32 inputs run full-precision ("ieee") dots, which lower to FMA, not wgmma: every thread holds its
 # operand rows over the whole reduction in registers, so the 16-bit tiles above spill (140 of the 168
@@ -399,48 +448,50 @@ _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4,
 # the exact head dim and the layout. fp32 (for accuracy, not speed) therefore runs one configuration
 # per (padded head dim BLOCK_D, dropout), autotuning or not, each measured spill-free at every head dim
 # of its block, in the padded, masked and varlen layouts (the full sm_90 sweep compiles them all).
-# {(BLOCK_D, dropout): (BLOCK_M, BLOCK_N, warps, stages)}
+# {(BLOCK_D, dropout): Tile}
 _FP32_FWD = {
-    (16, False): (32, 64, 4, 1), (16, True): (32, 64, 4, 1),
-    (32, False): (32, 64, 8, 2), (32, True): (32, 64, 8, 2),
-    (64, False): (32, 64, 8, 1), (64, True): (32, 64, 8, 1),
-    (128, False): (32, 16, 8, 2), (128, True): (32, 16, 8, 2),
+    (16, False): Tile(32, 64, 4, 1), (16, True): Tile(32, 64, 4, 1),
+    (32, False): Tile(32, 64, 8, 2), (32, True): Tile(32, 64, 8, 2),
+    (64, False): Tile(32, 64, 8, 1), (64, True): Tile(32, 64, 8, 1),
+    (128, False): Tile(32, 16, 8, 2), (128, True): Tile(32, 16, 8, 2),
 }
 _FP32_BWD_DQ = {
-    (16, False): (32, 32, 8, 2), (16, True): (32, 32, 8, 2),
-    (32, False): (32, 32, 8, 2), (32, True): (32, 32, 8, 2),  # 32 x 64 spills 8 B at head dim 24, varlen
-    (64, False): (32, 64, 8, 2), (64, True): (32, 64, 8, 2),
-    (128, False): (32, 16, 8, 2), (128, True): (32, 16, 8, 2),
+    (16, False): Tile(32, 32, 8, 2), (16, True): Tile(32, 32, 8, 2),
+    (32, False): Tile(32, 32, 8, 2), (32, True): Tile(32, 32, 8, 2),  # 32 x 64 spills 8 B at head dim 24, varlen
+    (64, False): Tile(32, 64, 8, 2), (64, True): Tile(32, 64, 8, 2),
+    (128, False): Tile(32, 16, 8, 2), (128, True): Tile(32, 16, 8, 2),
 }
 # dK/dV also keeps two (BLOCK_N, head dim) fp32 accumulators: smaller tiles, and at BLOCK_D 128 one per
 # dropout setting (32 x 32 spills with dropout at head dims 80 and 96, 16 x 16 on 8 warps without it).
 _FP32_BWD_DKDV = {
-    (16, False): (32, 64, 8, 1), (16, True): (32, 64, 8, 1),
-    (32, False): (16, 32, 8, 1), (32, True): (16, 32, 8, 1),
-    (64, False): (16, 16, 4, 1), (64, True): (16, 16, 4, 1),
-    (128, False): (32, 32, 8, 1), (128, True): (16, 16, 8, 2),
+    (16, False): Tile(32, 64, 8, 1), (16, True): Tile(32, 64, 8, 1),
+    (32, False): Tile(16, 32, 8, 1), (32, True): Tile(16, 32, 8, 1),
+    (64, False): Tile(16, 16, 4, 1), (64, True): Tile(16, 16, 4, 1),
+    (128, False): Tile(32, 32, 8, 1), (128, True): Tile(16, 16, 8, 2),
 }
 
 
-def _prune_spilling(head_dim_limits: dict):
+def _tile_of(config: triton.Config) -> Tile:
+    return Tile(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+
+
+def _prune_spilling(candidates: list[TunedTile]):
     """The autotuner's early pruning: drop the configurations that spill at this padded head dim
-    (BLOCK_D), with or without dropout, per the limits of the config lists above."""
+    (BLOCK_D), with or without dropout, per the limits of ``candidates``."""
+    limits = {c.tile: c for c in candidates}
 
     def prune(configs, named_args, **kwargs):
-        column = 1 if kwargs["HAS_DROPOUT"] else 0
-        kept = [c for c in configs
-                if kwargs["BLOCK_D"] <= head_dim_limits[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
-                                                          c.num_stages)][column]]
+        kept = [c for c in configs if kwargs["BLOCK_D"] <= limits[_tile_of(c)].max_head_block(kwargs["HAS_DROPOUT"])]
         return kept or configs[-1:]  # never empty (Triton requires one); the sm_90 test would flag a spill
 
     return prune
 
 
-def _tuned(kernel, configs):
+def _tuned(kernel, candidates: list[TunedTile]):
     return triton.autotune(
-        configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s, *_ in configs],
+        configs=[c.tile.config() for c in candidates],
         key=_AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": _prune_spilling({tuple(c[:4]): c[4:] for c in configs})},
+        prune_configs_by={"early_config_prune": _prune_spilling(candidates)},
     )(kernel)
 
 
@@ -451,8 +502,7 @@ _bwd_dkdv_tuned = _tuned(_attention_bwd_dkdv_kernel, _BWD_DKDV_CONFIGS)
 
 def fp32_config(table: dict, block_d: int, dropout: bool) -> triton.Config:
     """The one configuration fp32 inputs run with (see ``_FP32_FWD``), autotuning or not."""
-    block_m, block_n, warps, stages = table[(block_d, dropout)]
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+    return table[(block_d, dropout)].config()
 
 
 def _launch(kernel, tuned, fixed: triton.Config, fp32_table: dict, grid_rows: str, num_rows: int,

@@ -25,7 +25,7 @@ _GPU_WARPS = 4
 
 
 @triton.jit
-def _fwd_kernel(
+def _bias_gelu_fwd_kernel(
     X,  # (M, N) input, row stride stride_x, unit column stride
     Bias,  # (N,)
     Y,  # (M, N) output, contiguous
@@ -47,7 +47,7 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_kernel(
+def _bias_gelu_bwd_kernel(
     DY,  # (M, N) gradient of the output, row stride stride_dy
     X,  # (M, N) forward input, row stride stride_x
     Bias,  # (N,)
@@ -103,7 +103,7 @@ def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return y
     block_m, block_n, warps = _tile(n, x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _fwd_kernel[grid](x_rows, bias.contiguous(), y, x_rows.stride(0), m, n, BLOCK_M=block_m, BLOCK_N=block_n,
+    _bias_gelu_fwd_kernel[grid](x_rows, bias.contiguous(), y, x_rows.stride(0), m, n, BLOCK_M=block_m, BLOCK_N=block_n,
                       num_warps=warps)
     return y
 
@@ -130,9 +130,9 @@ def bias_gelu_bwd(grad_out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, g
     # buffer is not allocated yet: a same-dtype stand-in compiles the same kernel variant.
     stand_in = torch.empty((1, n), dtype=torch.float32, device=x.device)
     probe = (dy_rows, x_rows, bias, grad_x, stand_in, dy_rows.stride(0), x_rows.stride(0), m, n)
-    wave = programs_for(_bwd_kernel, probe, params, x.device, work_items=row_blocks * col_blocks)
+    wave = programs_for(_bias_gelu_bwd_kernel, probe, params, x.device, work_items=row_blocks * col_blocks)
     row_programs = max(1, min(row_blocks, wave // col_blocks))
     partial_db = torch.empty((1, row_programs, n), dtype=torch.float32, device=x.device)
-    _bwd_kernel[(row_programs, col_blocks)](dy_rows, x_rows, bias, grad_x, partial_db[0], dy_rows.stride(0),
+    _bias_gelu_bwd_kernel[(row_programs, col_blocks)](dy_rows, x_rows, bias, grad_x, partial_db[0], dy_rows.stride(0),
                                             x_rows.stride(0), m, n, **params)
     column_sums_into(partial_db, [grad_bias])

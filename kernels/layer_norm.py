@@ -73,7 +73,7 @@ def _interpreter_rows_per_program(block_n: int) -> int:
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _fwd_kernel(
+def _layer_norm_fwd_kernel(
     X,  # (M, N) input that dropout applies to; row stride stride_x, unit column stride
     R,  # (M, N) residual, row stride stride_r (not read unless HAS_RESIDUAL)
     W,  # (N,) LayerNorm weight
@@ -124,7 +124,7 @@ def _fwd_kernel(
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _bwd_kernel(
+def _layer_norm_bwd_kernel(
     DY,  # (M, N) gradient of the output, row stride stride_dy
     X,  # (M, N) forward input x, row stride stride_x
     R,  # (M, N) forward residual, row stride stride_r (not read unless HAS_RESIDUAL)
@@ -221,9 +221,9 @@ def _bwd_pruner(configs, named_args, **kwargs):
 # the same configuration and reproduce results bit for bit. FASTBERT_AUTOTUNE=0 takes the first
 # configuration the pruner keeps instead.
 _fwd_tuned = triton.autotune(_tuning_configs(), key=_TUNING_KEY, cache_results=True,
-                             prune_configs_by={"early_config_prune": _pruner(max_per_thread=32)})(_fwd_kernel)
+                             prune_configs_by={"early_config_prune": _pruner(max_per_thread=32)})(_layer_norm_fwd_kernel)
 _bwd_tuned = triton.autotune([_with_warps(c) for c in _tuning_configs()], key=_TUNING_KEY + ["STORE_DR"],
-                             cache_results=True, prune_configs_by={"early_config_prune": _bwd_pruner})(_bwd_kernel)
+                             cache_results=True, prune_configs_by={"early_config_prune": _bwd_pruner})(_layer_norm_bwd_kernel)
 
 
 def _fixed_config(block_n: int, max_per_thread: int, max_per_thread_16_warps: int | None = None) -> triton.Config:
@@ -269,7 +269,7 @@ def layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
             x_rows.stride(0), r_rows.stride(0), m, n, eps, p, scale, seed)
     flags = dict(HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
                  BLOCK_N=block_n)
-    launch(_fwd_kernel, _fwd_tuned, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),), args, flags,
+    launch(_layer_norm_fwd_kernel, _fwd_tuned, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),), args, flags,
            _fixed_config(block_n, max_per_thread=32))
     return y, mean, rstd
 
@@ -315,10 +315,10 @@ def layer_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, residual: torch.Tens
 
     def grid(meta):
         params = {**flags, "BLOCK_M": meta["BLOCK_M"], "NUM_WARPS": meta["NUM_WARPS"], "num_warps": meta["NUM_WARPS"]}
-        programs = min(capacity, programs_for(_bwd_kernel, args, params, x.device,
+        programs = min(capacity, programs_for(_layer_norm_bwd_kernel, args, params, x.device,
                                               work_items=triton.cdiv(m, meta["BLOCK_M"])))
         launched.append(programs)  # the last call is the launch that counts (the autotuner benchmarks first)
         return (programs,)
 
-    launch(_bwd_kernel, _bwd_tuned, grid, args, flags, _with_warps(_fixed_config(block_n, **_BWD_CAPS)))
+    launch(_layer_norm_bwd_kernel, _bwd_tuned, grid, args, flags, _with_warps(_fixed_config(block_n, **_BWD_CAPS)))
     column_sums_into(partial, sums, num_rows=launched[-1])

@@ -76,7 +76,7 @@ def test_runner_static_report_smoke(tmp_path, monkeypatch):
     with open(tmp_path / "results.csv") as handle:
         rows = [r for r in csv.DictReader(handle) if r["op"] == "static"]
     kernels = {r["mode"] for r in rows}
-    assert {"_fwd_kernel", "_bwd_kernel", "_column_sum_kernel"} <= kernels
+    assert {"_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel", "_column_sum_kernel"} <= kernels
     assert all(r["config"] and int(r["registers"]) > 0 and int(r["ctas_per_sm"]) >= 1 for r in rows)
     md = (tmp_path / "results.md").read_text()
     assert "## static: kernels compiled for sm_90" in md and md.count("| bias_gelu bf16 N768 |") == 3

@@ -110,7 +110,7 @@ class _Recorder:
             (grid({**kwargs, **self.config}) if callable(grid) else grid, kwargs))
 
 
-@pytest.mark.parametrize("module, name", [(fa, "_attention_fwd_kernel"), (layer_norm, "_fwd_kernel")])
+@pytest.mark.parametrize("module, name", [(fa, "_attention_fwd_kernel"), (layer_norm, "_layer_norm_fwd_kernel")])
 def test_every_kernel_follows_the_switch(monkeypatch, module, name):
     """With FASTBERT_AUTOTUNE=1 (and no interpreter) the launchers go through the autotuner; with 0 they
     launch the kernel itself with a fixed configuration. Attention and LayerNorm share the rule."""
