@@ -33,7 +33,7 @@ if os.environ.get("FASTBERT_SKIP_EXTENSION") != "1":
         cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
 
 setup(
-    packages=find_packages(include=["fastbert", "fastbert.*"]) + ["fastbert.kernels", "fastbert.benchmarks"],
+    packages=find_packages(include=["fastbert", "fastbert.*"]) + ["fastbert.kernels", "fastbert.kernels.static", "fastbert.benchmarks"],
     # Top-level folders installed inside the package: the kernels, and the benchmark suite so that
     # `fastbert bench` works from an install (from a checkout `python -m benchmarks` runs it too).
     package_dir={"fastbert.kernels": "kernels", "fastbert.benchmarks": "benchmarks"},

@@ -5,21 +5,23 @@ other dots, 16-byte vector loads. Lets kernel changes be judged between GPU runs
     python -m benchmarks --only static            (the full sweep; --quick: one case per op)
     python -m benchmarks.bench_static [--quick]
 
-Compiling runs in child processes (one per CPU core, at most 8): see benchmarks/sm90_compile.py.
+Compiling runs in child processes (one per CPU core, at most 8): see fastbert.kernels.static.
 """
 from __future__ import annotations
 
 import os
 
+from fastbert.kernels.static.compiler import KernelStats
+from fastbert.kernels.static.run import compile_in_subprocess
+
 from .common import Row, script_main
-from . import sm90_compile
 
 OP = "static"
-QUICK_SET = "quick"  # case set of --quick (sm90_compile.case_set)
+QUICK_SET = "quick"  # case set of --quick (fastbert.kernels.static.case.CASE_SETS)
 SWEEP_SET = "full"  # case set otherwise
 
 
-def rows_of(stats: list[sm90_compile.KernelStats]) -> list[Row]:
+def rows_of(stats: list[KernelStats]) -> list[Row]:
     rows = []
     for s in stats:
         dtype = s.case.split()[1]
@@ -37,7 +39,7 @@ def rows_of(stats: list[sm90_compile.KernelStats]) -> list[Row]:
 def run(device: str, dtype: str, quick: bool) -> list[Row]:
     # Static: the same figures whatever the device and dtype asked for (every dtype is in the sweep).
     jobs = max(1, min(8, os.cpu_count() or 1))
-    return rows_of(sm90_compile.compile_in_subprocess(QUICK_SET if quick else SWEEP_SET, jobs=jobs))
+    return rows_of(compile_in_subprocess(QUICK_SET if quick else SWEEP_SET, jobs=jobs))
 
 
 if __name__ == "__main__":

@@ -671,3 +671,56 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     _launch(_attention_bwd_dkdv_kernel, _bwd_dkdv_tuned, _FIXED_DKDV_CONFIG, _FP32_BWD_DKDV, "BLOCK_N",
             layout.seqlen, batch_heads, dkdv_args, meta)
     return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------------
+# Static sm_90 cases (fastbert.kernels.static): the launches the report compiles
+# ---------------------------------------------------------------------------------------------------
+def static_cases(case_set: str) -> list:
+    from .limits import attention_head_dims
+    from .static.case import StaticCase as Case
+
+    if case_set == "smoke":
+        return []
+    if case_set == "quick":
+        return [Case("attention", "bf16", 768, 64, "padded+mask", True)]
+    if case_set == "default":
+        return [
+            Case("attention", "bf16", 768, 64, "padded+mask", True),
+            Case("attention", "fp16", 768, 128, "varlen", False),
+            # An odd multiple of 8: its head stride (24) is no multiple of 16, yet its loads must vectorise.
+            Case("attention", "bf16", 1024, 24, "varlen", True),
+            # fp32: FMA dots, its own configurations (the largest head dim, dropout: most registers).
+            Case("attention", "fp32", 768, 128, "padded+mask", True),
+        ]
+    # Every head dim the op takes (multiples of 8 up to 128), not only the padded ones (BLOCK_D): the
+    # exact head dim changes the masks, hence ptxas' schedule and the loads' vector width.
+    head_dims = attention_head_dims()
+    cases = [Case("attention", dtype, 768, head_dim, layout, dropout) for dtype in ("bf16", "fp16")
+             for head_dim in head_dims for layout in ("padded+mask", "varlen") for dropout in (False, True)]
+    cases.append(Case("attention", "bf16", 1024, 64, "padded", False))
+    # fp32's FMA dots spill erratically with the exact head dim and layout: every layout too.
+    cases += [Case("attention", "fp32", 12 * head_dim, head_dim, layout, dropout) for head_dim in head_dims
+              for layout in ("padded", "padded+mask", "varlen") for dropout in (False, True)]
+    return cases
+
+
+def run_static_case(case) -> None:
+    from .static.case import DTYPES, cuda_tensor
+
+    dtype = DTYPES[case.dtype]
+    heads, batch, seqlen = case.hidden // case.head_dim, 2, 128
+    kw = dict(softmax_scale=case.head_dim ** -0.5, dropout_p=0.1 if case.dropout else 0.0, seed=1234)
+    if case.layout == "varlen":
+        total = batch * seqlen - 37
+        q, k, v, dout = (cuda_tensor((total, heads, case.head_dim), dtype) for _ in range(4))
+        kw.update(cu_seqlens=cuda_tensor((batch + 1,), torch.int32), max_seqlen=seqlen)
+    else:
+        # q, k, v as the model makes them: slices of one fused projection (B, L, 3, H, D).
+        q, k, v = cuda_tensor((batch, seqlen, 3, heads, case.head_dim), dtype).unbind(2)
+        dout = cuda_tensor((batch, seqlen, heads, case.head_dim), dtype)
+        if case.layout == "padded+mask":
+            kw["key_padding_mask"] = cuda_tensor((batch, seqlen), torch.bool)
+    out, lse = forward(q, k, v, **kw)
+    out = cuda_tensor(q.shape, dtype)  # the recorder wrote nothing: the backward only needs shapes
+    backward(dout, q, k, v, out, lse, **kw)

@@ -136,3 +136,28 @@ def bias_gelu_bwd(grad_out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, g
     _bias_gelu_bwd_kernel[(row_programs, col_blocks)](dy_rows, x_rows, bias, grad_x, partial_db[0], dy_rows.stride(0),
                                             x_rows.stride(0), m, n, **params)
     column_sums_into(partial_db, [grad_bias])
+
+
+# Static sm_90 cases (fastbert.kernels.static): the launches the report compiles.
+def static_cases(case_set: str) -> list:
+    from .static.case import StaticCase as Case
+
+    if case_set == "smoke":
+        return [Case("bias_gelu", "bf16", 768)]
+    if case_set == "quick":
+        return [Case("bias_gelu", "bf16", 3072)]
+    if case_set == "default":
+        return [Case("bias_gelu", "bf16", 3072), Case("bias_gelu", "mix", 768)]
+    return [Case("bias_gelu", dtype, hidden) for dtype in ("bf16", "fp16", "fp32", "mix")
+            for hidden in (768, 1024, 3072, 4096)]
+
+
+def run_static_case(case) -> None:
+    from .static.case import DTYPES, cuda_tensor
+
+    rows, n = 4096, case.hidden
+    act = torch.bfloat16 if case.dtype == "mix" else DTYPES[case.dtype]
+    param = torch.float32 if case.dtype == "mix" else act
+    x, bias = cuda_tensor((rows, n), act), cuda_tensor((n,), param)
+    bias_gelu_fwd(x, bias)
+    bias_gelu_bwd(cuda_tensor((rows, n), act), x, bias, cuda_tensor((rows, n), act), cuda_tensor((n,), param))

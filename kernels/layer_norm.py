@@ -322,3 +322,35 @@ def layer_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, residual: torch.Tens
 
     launch(_layer_norm_bwd_kernel, _bwd_tuned, grid, args, flags, _with_warps(_fixed_config(block_n, **_BWD_CAPS)))
     column_sums_into(partial, sums, num_rows=launched[-1])
+
+
+# Static sm_90 cases (fastbert.kernels.static): the launches the report compiles.
+def static_cases(case_set: str) -> list:
+    from .static.case import StaticCase as Case
+
+    if case_set == "smoke":
+        return []
+    if case_set == "quick":
+        return [Case("layer_norm", "bf16", 768, dropout=True)]
+    if case_set == "default":
+        return [Case("layer_norm", "bf16", 768, dropout=True), Case("layer_norm", "mix", 1024, dropout=True),
+                Case("layer_norm", "fp16", 1024, dropout=False)]
+    return [Case("layer_norm", dtype, hidden, dropout=dropout) for dtype in ("bf16", "fp16", "fp32", "mix")
+            for hidden in (768, 1024) for dropout in (False, True)]
+
+
+def run_static_case(case) -> None:
+    from .static.case import DTYPES, cuda_tensor
+
+    rows, n = 4096, case.hidden
+    act = torch.bfloat16 if case.dtype == "mix" else DTYPES[case.dtype]
+    param = torch.float32 if case.dtype == "mix" else act
+    out_dtype = torch.float32 if case.dtype == "mix" else act  # autocast runs LayerNorm in fp32
+    x, residual, dy = cuda_tensor((rows, n), act), cuda_tensor((rows, n), param), cuda_tensor((rows, n), out_dtype)
+    weight, bias = cuda_tensor((n,), param), cuda_tensor((n,), param)
+    p = 0.1 if case.dropout else 0.0
+    _, mean, rstd = layer_norm_fwd(x, residual, weight, bias, 1e-12, p, 1234, out_dtype)
+    separate = p > 0.0 or residual.dtype != x.dtype  # as fastbert.ops.layer_norm decides
+    layer_norm_bwd(dy, x, residual, weight, mean, rstd, p, 1234, cuda_tensor((rows, n), act),
+                   cuda_tensor((rows, n), param) if separate else None, cuda_tensor((n,), param),
+                   cuda_tensor((n,), param))

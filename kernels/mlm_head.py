@@ -143,11 +143,10 @@ def cross_entropy_rows_(buffer: torch.Tensor, vocab: int, bias: torch.Tensor | N
         HAS_BIAS=bias is not None, BLOCK_V=block_v, num_warps=warps)
 
 
-# The launches the static sm_90 check (benchmarks/sm90_compile.py) compiles, as (dtype, vocab,
-# write_grad, label_smoothing, bias): the BERT and XLM-R vocabularies (not multiples of 16: padded rows,
-# masked tails) at the full tile in each dtype, with and without the gradient pass, label smoothing and
-# the bias.
-SM90_CASES = (
+# The launches the static sm_90 report (fastbert.kernels.static) compiles, as (dtype, vocab, write_grad,
+# label_smoothing, bias): the BERT and XLM-R vocabularies (not multiples of 16: padded rows, masked
+# tails) at the full tile in each dtype, with and without the gradient pass, label smoothing and the bias.
+_DEFAULT_STATIC = (
     ("bf16", 30522, True, False, True),
     ("bf16", 250002, False, False, True),
     ("fp16", 30522, True, True, True),
@@ -158,7 +157,7 @@ SM90_CASES = (
 )
 
 
-def sm90_full_cases() -> list[tuple[str, int, bool, bool, bool]]:
+def _full_static() -> list[tuple[str, int, bool, bool, bool]]:
     """Every tile :func:`tile` can pick on the GPU (each power of two from 16 to the full tile, reached
     by a vocabulary just above the previous power), in every dtype and kernel variant (the decoder
     without bias at the full tile only: the bias adds one load beside the logits' own)."""
@@ -172,3 +171,26 @@ def sm90_full_cases() -> list[tuple[str, int, bool, bool, bool]]:
                     if vocab == 30522:
                         cases.append((name, vocab, write_grad, smoothing, False))
     return cases
+
+
+def static_cases(case_set: str) -> list:
+    from .static.case import StaticCase
+
+    chosen = {"smoke": (), "quick": _DEFAULT_STATIC[:1], "default": _DEFAULT_STATIC}.get(case_set) or (
+        _full_static() if case_set == "full" else ())
+    return [StaticCase("mlm_loss", dtype, 768, layout=("grad" if write_grad else "nograd")
+                       + ("+smooth" if smoothing else "") + ("" if bias else "+nobias"), vocab=vocab)
+            for dtype, vocab, write_grad, smoothing, bias in chosen]
+
+
+def run_static_case(case) -> None:
+    from .limits import mlm_logits_width
+    from .static.case import DTYPES, cuda_tensor
+
+    rows = 4096
+    dtype, width = DTYPES[case.dtype], mlm_logits_width(case.vocab)
+    buffer = cuda_tensor((rows, width), dtype)  # the op's padded logits buffer, and its padded bias
+    bias = None if "nobias" in case.layout else cuda_tensor((width,), dtype)
+    cross_entropy_rows_(buffer, case.vocab, bias, cuda_tensor((rows,), torch.int64),
+                        cuda_tensor((rows,), torch.float32), cuda_tensor((rows,), torch.int32), -100,
+                        0.1 if "smooth" in case.layout else 0.0, case.layout.startswith("grad"))

@@ -1,6 +1,6 @@
 """Every Triton kernel compiles for the H200 (sm_90) in every configuration its launcher can choose.
 
-No GPU needed: :mod:`benchmarks.sm90_compile` captures the real launchers' arguments on meta
+No GPU needed: :mod:`fastbert.kernels.static` captures the real launchers' arguments on meta
 tensors, specialises them as a launch would and compiles with Triton's bundled ptxas (in a child
 process: this one runs the kernels under the interpreter, which accepts code the compiler rejects).
 The default suite compiles a representative subset; the full sweep (``-m sm90_full``, minutes) runs
@@ -12,70 +12,15 @@ import pytest
 
 pytest.importorskip("triton")
 
-from benchmarks import sm90_compile  # noqa: E402
+from fastbert.kernels.static import checks  # noqa: E402
+from fastbert.kernels.static.cases import case_set  # noqa: E402
+from fastbert.kernels.static.run import compile_in_subprocess  # noqa: E402
 from fastbert.kernels.limits import attention_head_dims, padded_block  # noqa: E402
-
-# Every kernel of fastbert.kernels must show up: a launcher that stops launching one is a failure here.
-ALL_KERNELS = {"_attention_fwd_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel", "_fwd_kernel",
-               "_bwd_kernel", "_column_sum_kernel", "_mlm_cross_entropy_kernel"}
-# Attention dots that must run on Hopper's wgmma (the dK/dV kernel's transposed dots may use mma.sync).
-WGMMA_KERNELS = ("_attention_fwd_kernel", "_attention_bwd_dq_kernel")
-
-
 
 
 def check(rows):
-    assert rows, "no kernel was captured"
-    failures = []
-    for r in rows:
-        where = f"{r.case} | {r.kernel} | {r.config}"
-        if r.error:
-            failures.append(f"{where}: does not compile: {r.error}")
-            continue
-        if r.smem_bytes > sm90_compile.SMEM_PER_BLOCK_MAX:
-            failures.append(f"{where}: {r.smem_bytes} B shared memory > 227 KB")
-        if r.spill_bytes != 0:
-            failures.append(f"{where}: spills {r.spill_bytes} B")
-        # fp32 attention uses ieee dots, which wgmma (tf32 at best) cannot run.
-        if r.kernel in WGMMA_KERNELS and " fp32 " not in f" {r.case} " and (r.other_dots or not r.wgmma_dots):
-            failures.append(f"{where}: {r.other_dots} of {r.other_dots + r.wgmma_dots} dots not on wgmma")
-    failures += _unvectorised_attention(rows)
-    failures += _unvectorised_mlm_loss(rows)
+    failures = checks.failures(rows)
     assert not failures, "\n".join(failures)
-    kernels = {r.kernel for r in rows}
-    assert ALL_KERNELS <= kernels, f"kernels never launched: {ALL_KERNELS - kernels}"
-
-
-def _unvectorised_attention(rows):
-    """Attention tiles must load as 16-byte vectors at every head dim: from BLOCK_D 32 on every kernel
-    has some, and a head dim loads as many as the power of two that is its BLOCK_D (same dtype, layout,
-    dropout, kernel and configuration) wherever the rows hold both. Head dims that are odd multiples
-    of 8 compiled to scalar loads (and spilled) before the kernels declared their strides' alignment."""
-    failures, vector_loads = [], {}
-    for r in rows:
-        if not r.kernel.startswith("_attention") or r.error:
-            continue
-        _, dtype, _, head_dim, layout, dropout = r.case.split()
-        head_dim = int(head_dim[1:])
-        block_d = padded_block(head_dim)
-        if block_d >= 32 and not r.ld_global_v4:
-            failures.append(f"{r.case} | {r.kernel} | {r.config}: no 16-byte vector load")
-        vector_loads[(dtype, head_dim, layout, dropout, r.kernel, r.config)] = (r.ld_global_v4, block_d)
-    for (dtype, head_dim, *rest), (count, block_d) in vector_loads.items():
-        reference = vector_loads.get((dtype, block_d, *rest))
-        if reference is not None and count != reference[0]:
-            failures.append(f"attention {dtype} D{head_dim} {' | '.join(rest)}: {count} vector loads, "
-                            f"{reference[0]} at D{block_d}")
-    return failures
-
-
-def _unvectorised_mlm_loss(rows):
-    """The MLM cross-entropy kernel reads rows of the op's padded logits buffer (a multiple of 16
-    elements wide, masked beyond the vocabulary): from tiles of 8 elements per thread on (vocabularies
-    over 128), whatever the vocabulary's divisibility, its loads must be 16-byte vectors."""
-    return [f"{r.case} | {r.kernel} | {r.config}: no 16-byte vector load" for r in rows
-            if r.kernel == "_mlm_cross_entropy_kernel" and not r.error and int(r.case.split()[2][1:]) > 128
-            and not r.ld_global_v4]
 
 
 @pytest.mark.parametrize("configs", ["_FWD_CONFIGS", "_BWD_DQ_CONFIGS", "_BWD_DKDV_CONFIGS"])
@@ -85,12 +30,13 @@ def test_attention_autotuner_keeps_a_non_spilling_choice_at_every_head_dim(confi
     from fastbert.kernels import flash_attention as fa
 
     table = getattr(fa, configs)
-    prune = fa._prune_spilling({tuple(c[:4]): c[4:] for c in table})
-    candidates = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s, *_ in table]
+    prune = fa._prune_spilling(table)
+    candidates = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.warps,
+                                num_stages=c.stages) for c in table]
     for block_d in (16, 32, 64, 128):
         for dropout in (False, True):
             kept = prune(candidates, {}, BLOCK_D=block_d, HAS_DROPOUT=dropout)
-            limits = [table[candidates.index(c)][5 if dropout else 4] for c in kept]
+            limits = [table[candidates.index(c)].max_head_block(dropout) for c in kept]
             # Never the fallback: some entry is declared spill-free here, and only such entries are kept.
             assert kept and all(block_d <= limit for limit in limits), (configs, block_d, dropout)
             if block_d == 16 and not dropout:
@@ -110,7 +56,7 @@ def test_fixed_attention_configs_are_declared_spill_free_at_every_head_dim(confi
 
     config = getattr(fa, fixed)
     key = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
-    limits = {tuple(c[:4]): c[4:] for c in getattr(fa, configs)}
+    limits = {c.tile: (c.max_block_d, c.max_block_d_dropout) for c in getattr(fa, configs)}
     assert key in limits and min(limits[key]) >= 128, (fixed, key, limits.get(key))
 
 
@@ -127,7 +73,7 @@ def test_fp32_attention_has_a_measured_configuration_for_every_head_dim(table):
             config = fa.fp32_config(configs, padded_block(head_dim), dropout)
             assert config.kwargs["BLOCK_M"] >= 16 and config.kwargs["BLOCK_N"] >= 16  # tl.dot's minimum
     # fp32 spills depend on the exact head dim: the full sweep compiles every one, in every layout.
-    swept = {(c.head_dim, c.layout, c.dropout) for c in sm90_compile.case_set("full")
+    swept = {(c.head_dim, c.layout, c.dropout) for c in case_set("full")
              if c.op == "attention" and c.dtype == "fp32"}
     assert swept == {(d, layout, dropout) for d in head_dims for layout in ("padded", "padded+mask", "varlen")
                      for dropout in (False, True)}
@@ -137,29 +83,29 @@ def test_full_sweep_compiles_16_bit_attention_at_every_head_dim():
     """The exact head dim, not only its BLOCK_D, decides spills and vector widths: the full sweep
     compiles bf16 and fp16 attention at every head dim the op takes, masked and varlen, dropout on/off."""
     head_dims = attention_head_dims()
-    swept = {(c.dtype, c.head_dim, c.layout, c.dropout) for c in sm90_compile.case_set("full")
+    swept = {(c.dtype, c.head_dim, c.layout, c.dropout) for c in case_set("full")
              if c.op == "attention" and c.dtype != "fp32"}
     assert swept >= {(dtype, d, layout, dropout) for dtype in ("bf16", "fp16") for d in head_dims
                      for layout in ("padded+mask", "varlen") for dropout in (False, True)}
 
 
 def test_representative_subset_compiles_for_sm90():
-    rows = sm90_compile.compile_in_subprocess("default", jobs=2)
+    rows = compile_in_subprocess("default", jobs=2)
     check(rows)
     # Both paths of the attention launcher are covered: the autotuned configurations and the fixed one.
     attention = {r.config.split()[0] for r in rows if r.kernel == "_attention_fwd_kernel"}
     assert attention == {"tuned", "fixed"}
     # fp32 attention (FMA dots, its own configurations) is in the subset: it too must not spill.
-    assert {r.kernel for r in rows if r.case.startswith("attention fp32")} == set(WGMMA_KERNELS) | {
+    assert {r.kernel for r in rows if r.case.startswith("attention fp32")} == set(checks.WGMMA_KERNELS) | {
         "_attention_bwd_dkdv_kernel"}
     # Every MLM cross-entropy case of the kernel's list compiled (and, by check(), without spills).
-    from fastbert.kernels.mlm_head import SM90_CASES
+    from fastbert.kernels import mlm_head
 
     mlm = {r.case for r in rows if r.kernel == "_mlm_cross_entropy_kernel"}
-    assert len(mlm) == len(SM90_CASES)
+    assert mlm == {c.label for c in mlm_head.static_cases("default")}
 
 
 @pytest.mark.slow
 @pytest.mark.sm90_full
 def test_every_configuration_compiles_for_sm90():
-    check(sm90_compile.compile_in_subprocess("full", jobs=int(os.environ.get("FASTBERT_SM90_JOBS", os.cpu_count()))))
+    check(compile_in_subprocess("full", jobs=int(os.environ.get("FASTBERT_SM90_JOBS", os.cpu_count()))))
