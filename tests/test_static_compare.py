@@ -59,3 +59,11 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "not a static report" in err and "Traceback" not in err
+
+
+def test_subset_run_compares_only_its_cases(tmp_path):
+    assert _run(tmp_path, BASE[:1]) == 1  # the other case's row is missing
+    assert _run(tmp_path, BASE[:1], "--common-cases") == 0
+    only_new = ("_k", "layer_norm fp16 N768 drop", "tuned BLOCK_M=1 w4 s3", 40, 0, 6)
+    assert _run(tmp_path, [*BASE, only_new], "--common-cases") == 0
+    assert _run(tmp_path, [*BASE, only_new]) == 1

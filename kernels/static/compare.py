@@ -101,14 +101,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("new", help="the results.csv to check")
     parser.add_argument("--rename", action="append", type=_rename, default=[], metavar="OP:OLD=NEW",
                         help="old kernel name OLD of op OP's cases is NEW in the new report")
+    parser.add_argument("--common-cases", action="store_true",
+                        help="compare only the cases both reports hold (a subset run against a full one)")
     args = parser.parse_args(argv)
     try:
         old, new = read_report(args.old, dict(args.rename)), read_report(args.new)
     except ValueError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    if args.common_cases:
+        cases = {case for _, case, _ in new} & {case for _, case, _ in old}
+        old = {key: figures for key, figures in old.items() if key[1] in cases}
+        new = {key: figures for key, figures in new.items() if key[1] in cases}
     regressions, within = compare(old, new)
     print(f"# static report: {args.new} vs {args.old}\n")
-    print(f"- rows: {len(old)} old, {len(new)} new, {len(old.keys() & new.keys())} matched by (kernel, case, config)")
+    print(f"- rows: {len(old)} old{' (cases both hold)' if args.common_cases else ''}, {len(new)} new, {len(old.keys() & new.keys())} matched by (kernel, case, config)")
     print(f"- registers within ±{REGISTER_SLACK}: {len(within)} rows differ; regressions: {len(regressions)}\n")
     for title, lines in (("Regressions", regressions), (f"Register changes within ±{REGISTER_SLACK}", within)):
         if lines:
