@@ -1,8 +1,11 @@
 """BERT's task heads with Hugging Face's names (``cls.predictions``, ``cls.seq_relationship``) and the
-losses the top-level models compute on them: masked LM (decoder on the masked positions only), next
-sentence prediction, sequence classification.
+losses the top-level models compute on them: masked LM (on the masked positions only, by the fused
+decoder + cross-entropy unless the logits are asked for), next sentence prediction, sequence
+classification.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -68,16 +71,31 @@ class BertPreTrainingHeads(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------------------
-def masked_lm(head: nn.Module, sequence_output: torch.Tensor, labels: torch.Tensor | None, vocab_size: int,
-              masked_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """MLM logits and loss. With labels the decoder (the largest GEMM of pre-training) runs only on the
-    masked positions; returns ((num_masked, vocab) logits, loss). Without: (batch, seq, vocab), None.
+class MaskedLMResult(NamedTuple):
+    """What :func:`masked_lm` returns; every field but ``logits`` is None without labels."""
+
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None
+    num_correct: torch.Tensor | None  # 0-d int64: masked targets that are the argmax of their logits
+    num_targets: torch.Tensor | None  # 0-d int64: the masked targets (labels != -100)
+
+
+def masked_lm(head: BertLMPredictionHead, sequence_output: torch.Tensor, labels: torch.Tensor | None,
+              vocab_size: int, masked_positions: torch.Tensor | None = None, return_logits: bool = False
+              ) -> MaskedLMResult:
+    """MLM logits, loss and accuracy counts. With labels the head (the decoder is the largest GEMM of
+    pre-training) runs only on the masked positions: the transform, then :func:`fastbert.ops.mlm_loss`
+    with the decoder's weight and bias, which never holds the (num_masked, vocab) logits; ``logits`` is
+    None unless ``return_logits``, which computes them as before (and the loss from them). Without
+    labels: the (batch, seq, vocab) logits whatever ``return_logits`` says, and no loss.
 
     ``masked_positions``: the flat indices of ``labels != -100`` (row-major), as the collator computes
     them on the CPU. Given, the step needs no device→host sync; otherwise they are found here (a
     ``nonzero``, which syncs on CUDA)."""
+    if not isinstance(return_logits, bool):
+        raise TypeError(f"return_logits must be True or False, got {return_logits!r}")
     if labels is None:
-        return head(sequence_output), None
+        return MaskedLMResult(head(sequence_output), None, None, None)
     check_labels("labels", labels, tuple(sequence_output.shape[:2]), vocab_size, allow_ignore=True)
     flat_labels = labels.reshape(-1)
     if masked_positions is None:
@@ -86,10 +104,15 @@ def masked_lm(head: nn.Module, sequence_output: torch.Tensor, labels: torch.Tens
         check_masked_positions(masked_positions, flat_labels)
     targets = flat_labels.index_select(0, masked_positions)
     hidden = sequence_output.reshape(-1, sequence_output.shape[-1]).index_select(0, masked_positions)
+    num_targets = masked_positions.new_full((), targets.numel(), dtype=torch.int64)
+    if not return_logits:
+        loss, num_correct = ops.mlm_loss(head.transform(hidden), head.decoder.weight, head.bias, targets)
+        return MaskedLMResult(None, loss, num_correct, num_targets)
     logits = head(hidden)
-    # Sum / count keeps a batch with no masked token at loss 0 instead of NaN.
+    # Sum / count keeps a batch with no masked token at loss 0 instead of NaN (as mlm_loss does).
     loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(targets.numel(), 1)
-    return logits, loss
+    num_correct = (logits.detach().argmax(-1) == targets).sum()
+    return MaskedLMResult(logits, loss, num_correct, num_targets)
 
 
 def next_sentence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

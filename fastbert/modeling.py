@@ -369,17 +369,20 @@ class BertForPreTraining(BertPreTrainedModel):
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, next_sentence_label: torch.Tensor | None = None, *,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                indices: torch.Tensor | None = None,
-                masked_positions: torch.Tensor | None = None) -> BertForPreTrainingOutput:
+                indices: torch.Tensor | None = None, masked_positions: torch.Tensor | None = None,
+                return_logits: bool = False) -> BertForPreTrainingOutput:
         """labels: (batch, seq_len) original ids at masked positions, -100 elsewhere.
         next_sentence_label: (num_sequences,) 0 = B follows A, 1 = B is random — one per row, or one per
         packed sequence with the unpad metadata (see :meth:`BertModel.encode`). ``loss`` = mlm_loss +
-        nsp_loss (whichever labels are given). ``masked_positions``: see :func:`fastbert.heads.masked_lm`."""
+        nsp_loss (whichever labels are given). With labels ``prediction_logits`` is None (the fused MLM
+        loss holds no logits) unless ``return_logits=True``; ``mlm_num_correct`` / ``mlm_num_targets``
+        count the masked targets. ``masked_positions``: see :func:`fastbert.heads.masked_lm`."""
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens=cu_seqlens,
                         max_seqlen=max_seqlen, indices=indices)
         sequence_output, pooled = out.last_hidden_state, out.pooler_output
-        prediction_logits, mlm_loss = masked_lm(self.cls.predictions, sequence_output, labels,
-                                                self.config.vocab_size, masked_positions)
+        mlm = masked_lm(self.cls.predictions, sequence_output, labels, self.config.vocab_size, masked_positions,
+                        return_logits)
+        mlm_loss = mlm.loss
         seq_relationship_logits = self.cls.seq_relationship(pooled)
         nsp_loss = None
         if next_sentence_label is not None:
@@ -387,10 +390,12 @@ class BertForPreTraining(BertPreTrainedModel):
         losses = [x for x in (mlm_loss, nsp_loss) if x is not None]
         return BertForPreTrainingOutput(
             loss=sum(losses) if losses else None,
-            prediction_logits=prediction_logits,
+            prediction_logits=mlm.logits,
             seq_relationship_logits=seq_relationship_logits,
             mlm_loss=mlm_loss,
             nsp_loss=nsp_loss,
+            mlm_num_correct=mlm.num_correct,
+            mlm_num_targets=mlm.num_targets,
         )
 
 
@@ -407,12 +412,14 @@ class BertForMaskedLM(BertPreTrainedModel):
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, *, cu_seqlens: torch.Tensor | None = None,
                 max_seqlen: int | None = None, indices: torch.Tensor | None = None,
-                masked_positions: torch.Tensor | None = None) -> MaskedLMOutput:
+                masked_positions: torch.Tensor | None = None, return_logits: bool = False) -> MaskedLMOutput:
+        """As :meth:`BertForPreTraining.forward`: with labels ``logits`` is None unless ``return_logits``."""
         sequence_output = self.bert(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens=cu_seqlens,
                                     max_seqlen=max_seqlen, indices=indices).last_hidden_state
-        logits, loss = masked_lm(self.cls.predictions, sequence_output, labels, self.config.vocab_size,
-                                 masked_positions)
-        return MaskedLMOutput(loss=loss, logits=logits)
+        mlm = masked_lm(self.cls.predictions, sequence_output, labels, self.config.vocab_size, masked_positions,
+                        return_logits)
+        return MaskedLMOutput(loss=mlm.loss, logits=mlm.logits, num_correct=mlm.num_correct,
+                              num_targets=mlm.num_targets)
 
 
 class BertForSequenceClassification(BertPreTrainedModel):

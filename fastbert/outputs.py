@@ -40,22 +40,30 @@ class BaseModelOutputWithPooling(ModelOutput):
 
 @dataclass
 class BertForPreTrainingOutput(ModelOutput):
-    """``prediction_logits`` is (batch, seqlen, vocab) without labels; with labels the decoder runs on
-    the masked positions only and it is (num_masked, vocab), rows in row-major order of ``labels != -100``."""
+    """``prediction_logits`` is (batch, seqlen, vocab) without labels. With labels the head runs on the
+    masked positions only and the loss is fused (no logits): it is None, or with ``return_logits=True``
+    (num_masked, vocab), rows in row-major order of ``labels != -100``. With labels, ``mlm_num_correct``
+    and ``mlm_num_targets`` (0-d int64, on the device) count the masked targets the head gets right and
+    all of them: the accuracy without the logits."""
 
     loss: torch.Tensor | None = None
     prediction_logits: torch.Tensor | None = None
     seq_relationship_logits: torch.Tensor | None = None
     mlm_loss: torch.Tensor | None = None
     nsp_loss: torch.Tensor | None = None
+    mlm_num_correct: torch.Tensor | None = None
+    mlm_num_targets: torch.Tensor | None = None
 
 
 @dataclass
 class MaskedLMOutput(ModelOutput):
-    """``logits`` as ``prediction_logits`` above: full without labels, masked rows only with labels."""
+    """``logits`` as ``prediction_logits`` above: full without labels; with labels None, or the masked
+    rows only with ``return_logits=True``. ``num_correct`` / ``num_targets`` as ``mlm_num_*`` above."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    num_correct: torch.Tensor | None = None
+    num_targets: torch.Tensor | None = None
 
 
 @dataclass

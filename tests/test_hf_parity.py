@@ -64,16 +64,23 @@ def test_pretraining_odd_config_matches_transformers(tmp_path):
     with torch.no_grad():
         a_full = ours(ids, mask, token_types)
         a = ours(ids, mask, token_types, labels=labels, next_sentence_label=nsp)
+        a_logits = ours(ids, mask, token_types, labels=labels, next_sentence_label=nsp, return_logits=True)
         b = hf(input_ids=ids, attention_mask=mask, token_type_ids=token_types, labels=labels,
                next_sentence_label=nsp)
     real = mask.bool()
     assert (a_full.prediction_logits - b.prediction_logits)[real].abs().max() < 1e-4
     assert (a.seq_relationship_logits - b.seq_relationship_logits).abs().max() < 1e-4
-    # with labels the decoder runs on the masked positions only
-    assert a.prediction_logits.shape == (int(picked.sum()), ODD["vocab_size"])
-    assert (a.prediction_logits - b.prediction_logits[picked]).abs().max() < 1e-4
-    assert abs(a.loss.item() - b.loss.item()) < 1e-4
-    assert torch.allclose(a.loss, a.mlm_loss + a.nsp_loss)
+    # with labels the loss is fused (no logits) unless they are asked for; then the decoder runs on the
+    # masked positions only
+    assert a.prediction_logits is None
+    assert a_logits.prediction_logits.shape == (int(picked.sum()), ODD["vocab_size"])
+    assert (a_logits.prediction_logits - b.prediction_logits[picked]).abs().max() < 1e-4
+    for out in (a, a_logits):
+        assert abs(out.loss.item() - b.loss.item()) < 1e-4
+        assert torch.allclose(out.loss, out.mlm_loss + out.nsp_loss)
+    hits = (b.prediction_logits[picked].argmax(-1) == labels[picked]).sum()
+    assert a.mlm_num_correct.item() == a_logits.mlm_num_correct.item() == hits.item()
+    assert a.mlm_num_targets.item() == int(picked.sum())
 
 
 def test_save_then_transformers_loads_same_logits(tmp_path):

@@ -81,8 +81,14 @@ def test_gradients_reach_every_parameter():
 
 def test_no_masked_token_gives_zero_mlm_loss_not_nan(model):
     ids, mask = batch()
-    out = model(ids, mask, labels=torch.full_like(ids, -100))
+    labels = torch.full_like(ids, -100)
+    out = model(ids, mask, labels=labels)  # the fused loss
+    assert out.mlm_loss.item() == 0.0 and out.prediction_logits is None
+    assert out.mlm_num_correct.item() == 0 and out.mlm_num_targets.item() == 0
+    out = model(ids, mask, labels=labels, return_logits=True)
     assert out.mlm_loss.item() == 0.0 and out.prediction_logits.shape == (0, CONFIG.vocab_size)
+    with pytest.raises(TypeError, match="return_logits must be True or False"):
+        model(ids, mask, labels=labels, return_logits="yes")
 
 
 def test_fully_padded_sequence_gives_finite_outputs(model):

@@ -22,8 +22,10 @@ def kernel_launches(monkeypatch):
     """Counts of each launcher call of the two kernel modules."""
     import fastbert.kernels.gelu as gelu_kernels
     import fastbert.kernels.layer_norm as ln_kernels
+    import fastbert.kernels.mlm_head as mlm_kernels
 
     counts = count_calls(monkeypatch, ln_kernels, ("layer_norm_fwd", "layer_norm_bwd"))
+    counts = count_calls(monkeypatch, mlm_kernels, ("cross_entropy_rows_",), counts)
     return count_calls(monkeypatch, gelu_kernels, ("bias_gelu_fwd", "bias_gelu_bwd"), counts)
 
 
@@ -64,9 +66,12 @@ def test_pretraining_step_matches_torch_backend(reference_attention, kernel_laun
     out_torch, grads_torch = _run(model, batch, "torch")
     assert not any(kernel_launches.values())
     out_triton, grads_triton = _run(model, batch, "triton")
-    # embeddings + 2 per layer + MLM head transform; one bias+GELU per layer + the head transform
-    assert kernel_launches == {"layer_norm_fwd": 6, "layer_norm_bwd": 6, "bias_gelu_fwd": 3, "bias_gelu_bwd": 3}
-    for name in ("loss", "prediction_logits", "seq_relationship_logits"):
+    # embeddings + 2 per layer + MLM head transform; one bias+GELU per layer + the head transform; the
+    # fused MLM loss's cross-entropy step once (one chunk; it writes the gradient in the forward)
+    assert kernel_launches == {"layer_norm_fwd": 6, "layer_norm_bwd": 6, "bias_gelu_fwd": 3, "bias_gelu_bwd": 3,
+                               "cross_entropy_rows_": 1}
+    assert out_torch.prediction_logits is None is out_triton.prediction_logits
+    for name in ("loss", "mlm_num_correct", "seq_relationship_logits"):
         torch.testing.assert_close(getattr(out_triton, name), getattr(out_torch, name), rtol=1e-4, atol=1e-5)
     assert grads_triton.keys() == grads_torch.keys()
     for name, g in grads_triton.items():
