@@ -106,7 +106,7 @@ def test_patch_keeps_every_parameter_and_swaps_in_fastbert_modules(cls_name):
         assert isinstance(layer.attention.output, modeling.BertSelfOutput)
         assert isinstance(layer.intermediate, modeling.BertIntermediate)
         assert isinstance(layer.output, modeling.BertOutput)
-    assert hf.is_patched(model) == {"attention": True, "layer_norm": True, "gelu": True}
+    assert hf.is_patched(model) == {"attention": True, "layer_norm": True, "gelu": True, "fused_mlm_loss": False}
 
 
 def test_fused_modules_follow_train_and_eval_mode():
@@ -149,7 +149,7 @@ def test_patching_twice_changes_nothing_more(op_calls):
 
 def test_only_the_requested_parts_are_patched():
     model = fastbert.patch_hf(make_hf(), attention=False, gelu=False)
-    assert hf.is_patched(model) == {"attention": False, "layer_norm": True, "gelu": False}
+    assert hf.is_patched(model) == {"attention": False, "layer_norm": True, "gelu": False, "fused_mlm_loss": False}
     layer = model.bert.encoder.layer[0]
     assert type(layer.attention.self) is transformers.models.bert.modeling_bert.BertSelfAttention
     assert type(layer.intermediate) is transformers.models.bert.modeling_bert.BertIntermediate
@@ -198,7 +198,7 @@ def test_minilm_checkpoint_patched_matches_unpatched():
     path = minilm.get_model_path()
     hf_model = transformers.BertModel.from_pretrained(path, attn_implementation="eager").eval()
     patched = fastbert.patch_hf(transformers.BertModel.from_pretrained(path).eval())
-    assert hf.is_patched(patched) == {"attention": True, "layer_norm": True, "gelu": True}
+    assert hf.is_patched(patched) == {"attention": True, "layer_norm": True, "gelu": True, "fused_mlm_loss": False}
     for model in (hf_model, patched):  # the 30522-row embedding gradient is slow in float64 and tests nothing here
         model.embeddings.word_embeddings.weight.requires_grad_(False)
     ids, mask, types = ragged_batch(30522, seqlen=31)
@@ -268,7 +268,7 @@ def test_unsupported_attention_is_left_in_place_with_a_warning(overrides, reason
     model = make_hf("BertModel", **overrides)
     with pytest.warns(UserWarning, match=reason):
         fastbert.patch_hf(model)
-    assert hf.is_patched(model) == {"attention": False, "layer_norm": True, "gelu": True}
+    assert hf.is_patched(model) == {"attention": False, "layer_norm": True, "gelu": True, "fused_mlm_loss": False}
 
 
 def test_decoder_keeps_its_numbers():
@@ -326,7 +326,7 @@ def test_patch_hf_classes_patches_models_built_afterwards(tmp_path):
         patched = transformers.BertForPreTraining.from_pretrained(tmp_path).eval()
     finally:
         hf.unpatch_hf_classes()
-    assert hf.is_patched(patched) == {"attention": True, "layer_norm": True, "gelu": True}
+    assert hf.is_patched(patched) == {"attention": True, "layer_norm": True, "gelu": True, "fused_mlm_loss": False}
     assert not any(hf.is_patched(transformers.BertModel(transformers.BertConfig(**ODD))).values())
     ids, mask, types = ragged_batch(ODD["vocab_size"])
     with torch.no_grad():
@@ -467,7 +467,7 @@ def test_patch_hf_checks_and_fills_slots_by_the_family_child_names(monkeypatch):
     model = make_hf("BertModel")
     with pytest.warns(UserWarning, match="attention.output has no nn.Linear 'dense' followed by an nn.LayerNorm 'norm'"):
         fastbert.patch_hf(model)
-    assert hf.is_patched(model) == {"attention": True, "layer_norm": False, "gelu": True}
+    assert hf.is_patched(model) == {"attention": True, "layer_norm": False, "gelu": True, "fused_mlm_loss": False}
     layer = model.encoder.layer[0]
     assert type(layer.attention.output) is transformers.models.bert.modeling_bert.BertSelfOutput
     assert isinstance(layer.output, hf.FusedBertOutput)

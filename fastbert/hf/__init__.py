@@ -19,7 +19,8 @@ eager, the 4-D bool mask of sdpa, or None), turned back into a key-padding mask 
 run for ``model.forward(...)`` (sentence-transformers calls it) and per-model state carried between hooks
 races between threads and ``nn.DataParallel`` replicas; a ``forward`` bound on an instance is bypassed by
 ``type(model).forward(model, ...)`` and still points at the original after DataParallel replicates the
-module. Replaced submodules and a class-level head wrapper hold no per-call state and are reached however
+module. Replaced submodules and a class-level head wrapper hold no per-call state on the model (the fused MLM
+loss's labels reach the decoder through a context variable of the calling thread) and are reached however
 the model is called (``torch.compile``, DDP, DataParallel, threads, gradient checkpointing included).
 
 Numbers: the encoder drops the padding (runs unpadded, varlen attention) only when that changes nothing
@@ -38,6 +39,8 @@ Layout (one concern per module):
 ``fused.py``                the fused modules, built around a transformers module's own children
 ``encoder.py``              :class:`FusedBertEncoder`: one unpad before the layers, one pad after
 ``heads.py``                head-class ``forward`` wrappers that say per call whether padding is read
+                            (and hand the labels to a fused MLM decoder)
+``mlm_loss.py``             ``fused_mlm_loss=True``: the decoder that computes the MLM loss without logits
 ``patch.py``                :func:`patch_hf` (one walk-check-replace loop over the parts) and
                             :func:`is_patched`
 ``classes.py``              :func:`patch_hf_classes` / :func:`unpatch_hf_classes`
@@ -62,6 +65,7 @@ from fastbert.hf.encoder import EncoderLayout, FusedBertEncoder
 from fastbert.hf.families import FAMILIES, AddNormChildren, AttentionChildren, Family, IntermediateChildren, Slot
 from fastbert.hf.fused import FusedBertIntermediate, FusedBertOutput, FusedBertSelfAttention, FusedBertSelfOutput
 from fastbert.hf.inputs import key_padding_mask
+from fastbert.hf.mlm_loss import FusedMlmDecoder
 from fastbert.hf.patch import is_patched, patch_hf
 
 __all__ = [
@@ -76,6 +80,7 @@ __all__ = [
     "FusedBertOutput",
     "FusedBertSelfAttention",
     "FusedBertSelfOutput",
+    "FusedMlmDecoder",
     "IntermediateChildren",
     "Slot",
     "fastbert_attention_forward",

@@ -1,6 +1,8 @@
 """Head-class wrappers: on a patched model, each call of a transformers head tells the fused encoder
 whether the head reads padding positions (question answering, per-token labels that are not -100 at
-padding), so that the encoder keeps the padding for exactly those calls.
+padding), so that the encoder keeps the padding for exactly those calls; and, on an MLM head patched
+with ``fused_mlm_loss=True``, a call with labels computes its loss by the fused decoder
+(:mod:`fastbert.hf.mlm_loss`).
 
 The wrapper is installed once on the head *class* (unpatched models of the class run the original
 ``forward``), because a class-level ``forward`` is reached however the model is called; see
@@ -16,6 +18,7 @@ import torch
 
 from fastbert.hf.encoder import KEEP_PADDING, FusedBertEncoder
 from fastbert.hf.families import Family
+from fastbert.hf.mlm_loss import NEEDS_NEXT_SENTENCE_LABEL, fused_loss_forward, has_fused_decoder
 from fastbert.masking import IGNORE_INDEX
 
 # Heads whose outputs or losses read every position (question answering) or per-token labels, so that a
@@ -37,8 +40,9 @@ def _labels_at_padding(labels: Any, mask: Any) -> bool:
 
 def wrap_head_forward(cls: type, family: Family) -> bool:
     """Wrap a transformers head class's ``forward`` (once) so that, on a patched model, each call tells the
-    fused encoder whether it must keep the padding. Unpatched models of the class run the original.
-    False where that is impossible (a ``forward`` without ``**kwargs`` to pass the flag through)."""
+    fused encoder whether it must keep the padding, and an MLM head with a fused decoder computes its loss
+    there. Unpatched models of the class run the original. False where that is impossible (a ``forward``
+    without ``**kwargs`` to pass the flag through)."""
     original = cls.forward
     if getattr(original, "_fastbert_original", None) is not None:
         return True
@@ -47,6 +51,7 @@ def wrap_head_forward(cls: type, family: Family) -> bool:
         return False
     names = list(params)[1:]  # without self
     reads_all = cls.__name__.endswith("ForQuestionAnswering")
+    needs_next_sentence_label = cls.__name__ in NEEDS_NEXT_SENTENCE_LABEL
 
     def argument(args: tuple, kwargs: dict, name: str) -> Any:
         if name in kwargs:
@@ -54,13 +59,30 @@ def wrap_head_forward(cls: type, family: Family) -> bool:
         index = names.index(name) if name in names else len(args)
         return args[index] if index < len(args) else None
 
+    def without(args: tuple, kwargs: dict, name: str) -> tuple[tuple, dict]:
+        """The call's arguments with ``name`` set to None (wherever it was passed)."""
+        if name in kwargs:
+            return args, {**kwargs, name: None}
+        index = names.index(name) if name in names else len(args)
+        if index < len(args):
+            args = args[:index] + (None,) + args[index + 1:]
+        return args, kwargs
+
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
         base = getattr(self, family.base_attr, None)
-        if not isinstance(getattr(base, "encoder", None), FusedBertEncoder) or KEEP_PADDING in kwargs:
+        if isinstance(getattr(base, "encoder", None), FusedBertEncoder) and KEEP_PADDING not in kwargs:
+            keep = reads_all or _labels_at_padding(argument(args, kwargs, "labels"),
+                                                   argument(args, kwargs, "attention_mask"))
+            kwargs = {KEEP_PADDING: keep, **kwargs}
+        labels = argument(args, kwargs, "labels")
+        next_sentence_label = argument(args, kwargs, "next_sentence_label") if needs_next_sentence_label else None
+        if labels is None or (needs_next_sentence_label and next_sentence_label is None) or not has_fused_decoder(self):
             return original(self, *args, **kwargs)
-        keep = reads_all or _labels_at_padding(argument(args, kwargs, "labels"), argument(args, kwargs, "attention_mask"))
-        return original(self, *args, **{KEEP_PADDING: keep}, **kwargs)
+        args, kwargs = without(args, kwargs, "labels")
+        if needs_next_sentence_label:
+            args, kwargs = without(args, kwargs, "next_sentence_label")
+        return fused_loss_forward(self, original, labels, next_sentence_label, args, kwargs)
 
     forward._fastbert_original = original
     cls.forward = forward

@@ -26,6 +26,7 @@ from fastbert.hf.families import (
 )
 from fastbert.hf.fused import FusedBertIntermediate, FusedBertOutput, FusedBertSelfAttention, FusedBertSelfOutput
 from fastbert.hf.heads import reads_per_token, wrap_head_forward
+from fastbert.hf.mlm_loss import has_fused_decoder, install_fused_decoder
 
 
 def _no_blockers(base: nn.Module, family: Family) -> list[str]:
@@ -145,7 +146,7 @@ def _warn(what: str, reasons: list[str]) -> None:
 
 
 def patch_hf(model: nn.Module, attention: bool = True, layer_norm: bool = True, gelu: bool = True, *,
-             unpad: bool | None = None) -> nn.Module:
+             unpad: bool | None = None, fused_mlm_loss: bool = False) -> nn.Module:
     """Swap fastbert's fused layers into a transformers BERT-family model in place; returns ``model``.
 
     model: a transformers BERT, RoBERTa, XLM-RoBERTa, CamemBERT or ELECTRA model, bare (``BertModel``)
@@ -158,6 +159,13 @@ def patch_hf(model: nn.Module, attention: bool = True, layer_norm: bool = True, 
     unpad: None runs the encoder unpadded exactly when a fused varlen kernel will take it (the triton
     backend on a GPU); True/False force it. Even then a call runs padded where dropping the padding
     would change what transformers' heads read (see :mod:`fastbert.hf`).
+    fused_mlm_loss: opt-in, for ``BertForMaskedLM``, ``BertForPreTraining``, ``RobertaForMaskedLM``,
+    ``XLMRobertaForMaskedLM``, ``CamembertForMaskedLM`` and ``ElectraForMaskedLM``: a call with labels
+    (``BertForPreTraining``: labels and ``next_sentence_label``) computes the masked-LM loss by
+    :func:`fastbert.ops.mlm_loss` on the labelled positions only, without the (batch x seq, vocab) logits,
+    and returns ``logits=None`` (``prediction_logits=None``); same loss and gradients as transformers, except
+    that a batch with no labelled position gives a loss of 0 where transformers gives NaN. Calls without
+    labels return transformers' logits exactly. See :mod:`fastbert.hf.mlm_loss`.
 
     The fused modules keep the original ``nn.Linear``/``nn.LayerNorm``/``nn.Dropout`` children: same
     parameter names, same tensors (no copies), same state_dict, so optimizers, checkpoints and
@@ -172,6 +180,8 @@ def patch_hf(model: nn.Module, attention: bool = True, layer_norm: bool = True, 
         raise TypeError(f"fastbert.patch_hf takes a torch.nn.Module, got {type(model).__name__}")
     if unpad is not None and not isinstance(unpad, bool):
         raise TypeError(f"unpad must be None, True or False, got {unpad!r}")
+    if not isinstance(fused_mlm_loss, bool):
+        raise TypeError(f"fused_mlm_loss must be True or False, got {fused_mlm_loss!r}")
     require_transformers_5()
     family, base = find_base(model)
     register_attention()
@@ -179,6 +189,12 @@ def patch_hf(model: nn.Module, attention: bool = True, layer_norm: bool = True, 
     head = model if model is not base and family_of(model) is family else None
     keeps_padding = (head is not None and reads_per_token(type(head))
                      and not (attention and wrap_head_forward(type(head), family)))
+    if fused_mlm_loss:
+        why = install_fused_decoder(model)
+        if why is None and not wrap_head_forward(type(model), family):
+            why = f"{type(model).__name__}.forward takes no **kwargs"
+        if why:
+            _warn("the masked-LM loss", [why])
 
     requested = {"attention": attention, "layer_norm": layer_norm, "gelu": gelu}
     complete = {}
@@ -206,11 +222,13 @@ def _install_encoder(base: nn.Module, unpad: bool | None, keeps_padding: bool) -
 
 def is_patched(model: nn.Module) -> dict[str, bool]:
     """Which fused layers ``model`` (a supported transformers model) runs: ``{"attention", "layer_norm", "gelu"}``
-    → bool (True only when every layer has it)."""
+    → bool (True only when every layer has it), and ``"fused_mlm_loss"`` → whether its MLM head's decoder is
+    fastbert's."""
     family, base = find_base(model)
     layers = list(base.encoder.layer)
     state = {part.option: all(isinstance(family.slot(slot).locate(layer)[2], fused)
                               for layer in layers for slot, fused in part.slots)
              for part in PARTS}
     state["attention"] = state["attention"] and isinstance(base.encoder, FusedBertEncoder)
+    state["fused_mlm_loss"] = model is not base and has_fused_decoder(model)
     return state
