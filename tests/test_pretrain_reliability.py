@@ -20,7 +20,7 @@ from fastbert import backend
 from fastbert.cli import main as cli_main
 from fastbert.modeling import BertForPreTraining
 from fastbert.pretrain import checkpoint_files as ckpt
-from fastbert.pretrain.lock import FolderLockedError
+from fastbert._folder_lock import FolderLockedError
 from fastbert.pretrain.trainer import pretrain
 from fastbert.training import update
 from tests.test_pretrain import config, data_dir, read_metrics  # noqa: F401  (data_dir is a fixture)

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 
+from fastbert._folder_lock import LOCK_NAME
 from fastbert.data import train_wordpiece
 
 from .test_data_prepare import random_documents, write_bert_format
@@ -32,7 +33,8 @@ def prepare_in_subprocess(corpus, out, workers, hash_seed):
     subprocess.run([sys.executable, "-m", "fastbert", "prepare", "--corpus", str(corpus), "--out", str(out),
                     "--workers", str(workers), "--vocab-size", "160", "--shard-tokens", "2000"],
                    check=True, capture_output=True, env=env, timeout=120)
-    return {path.name: path.read_bytes() for path in sorted(out.iterdir())}
+    # OUT/.lock names the process that held the folder (pid, host, time): not data
+    return {path.name: path.read_bytes() for path in sorted(out.iterdir()) if path.name != LOCK_NAME}
 
 
 def test_two_prepare_processes_with_different_workers_write_the_same_bytes(tmp_path):

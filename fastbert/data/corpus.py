@@ -9,11 +9,13 @@ A source is one of:
 * a ``.jsonl`` file (``.jsonl.gz`` too): one JSON object per line, its ``text`` field one document;
 * a folder saved by ``datasets.Dataset.save_to_disk`` (needs the optional ``datasets`` package):
   each row's ``text`` column is one document (the ``train`` split of a ``DatasetDict``);
-* any other folder: the text and ``.jsonl`` files inside it, sorted by path.
+* any other folder: the text and ``.jsonl`` files inside it, sorted by path, skipping hidden files and
+  folders and the folders fastbert writes (prepared data, pre-training runs, saved models), so that an
+  output folder inside the corpus folder is never read as corpus.
 
 Undecodable bytes are replaced with U+FFFD and counted (:attr:`Corpus.replaced_bytes`), never an
-error. A missing source is a :class:`FileNotFoundError` naming it; a corpus without any document
-is a :class:`ValueError` naming the inputs.
+error. A missing source is a :class:`FileNotFoundError` naming it; a truncated or corrupted ``.gz`` file
+and a corpus without any document are a :class:`ValueError` naming the file or the inputs.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import gzip
 import hashlib
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Sequence
 
@@ -110,9 +113,30 @@ def _resolve(source: str, cache_dir: SourceLike | None) -> tuple[str, Path]:
 
 
 def _folder_files(folder: Path) -> list[Path]:
-    files = [path for path in folder.rglob("*") if path.is_file() and not path.name.startswith(".")
-             and path.name.lower().endswith(_TEXT_SUFFIXES + _JSONL_SUFFIXES)]
+    files = []
+    for root, dirs, names in os.walk(folder):  # symlinked folders are not followed: no loops
+        root_path = Path(root)
+        dirs[:] = [name for name in dirs if not name.startswith(".") and not _is_fastbert_output(root_path / name)]
+        files += [root_path / name for name in names if not name.startswith(".")
+                  and name.lower().endswith(_TEXT_SUFFIXES + _JSONL_SUFFIXES) and (root_path / name).is_file()]
     return sorted(files, key=lambda path: path.relative_to(folder).as_posix())
+
+
+def _is_fastbert_output(folder: Path) -> bool:
+    """A folder written by fastbert — prepared data (finished or in progress), a pre-training run, a saved
+    model with its tokenizer — whose vocab.txt and metrics.jsonl are not corpus."""
+    from fastbert.data.prepare import FORMAT_NAME, IN_PROGRESS_FILE, METADATA_FILE
+    from fastbert.pretrain.checkpoint import RUN_CONFIG
+
+    if (folder / IN_PROGRESS_FILE).exists() or (folder / RUN_CONFIG).is_file():
+        return True
+    if (folder / "config.json").is_file() and (folder / "vocab.txt").is_file():
+        return True  # a saved model and tokenizer (pre-training's final/, fine-tuning's output)
+    try:
+        metadata = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(metadata, dict) and metadata.get("format") == FORMAT_NAME
 
 
 def _files_of(kind: str, path: Path) -> list[Path]:
@@ -129,11 +153,14 @@ def _open_binary(path: Path) -> IO[bytes]:
 
 
 def _decoded_lines(path: Path, replaced: list[int]) -> Iterator[str]:
-    with _open_binary(path) as handle:
-        for raw in handle:
-            text, bad = decode_counting(raw)
-            replaced[0] += bad
-            yield text.rstrip("\r\n")
+    try:
+        with _open_binary(path) as handle:
+            for raw in handle:
+                text, bad = decode_counting(raw)
+                replaced[0] += bad
+                yield text.rstrip("\r\n")
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:  # what gzip raises for a damaged file
+        raise ValueError(f"{path}: truncated or corrupted gzip file ({err})") from None
 
 
 def _read_text(path: Path, replaced: list[int]) -> Iterator[list[str]]:

@@ -23,6 +23,7 @@ import numpy as np
 import tokenizers
 
 from fastbert._atomic import atomic_write_text
+from fastbert._folder_lock import LOCK_NAME, FolderLock
 from fastbert._hashing import file_sha256
 from fastbert.data.corpus import Corpus, SourceLike
 from fastbert.data.shards import SHARD_PATTERN, ShardInfo, ShardWriter, TokenStore, shard_file, token_dtype_for
@@ -110,67 +111,68 @@ def prepare_corpus(corpus: Corpus | SourceLike | Sequence[SourceLike], out_dir: 
         "shard_tokens": shard_tokens,
     }
     fingerprint = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
-    done = _finished_run(out_dir, fingerprint, overwrite)
-    if done is not None:
-        return done
-    _clear_previous_run(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / IN_PROGRESS_FILE).write_text(fingerprint + "\n", encoding="utf-8")
+    with FolderLock(out_dir):  # one prepare per folder: a second one stops here, naming the first
+        done = _finished_run(out_dir, fingerprint, overwrite)
+        if done is not None:
+            return done
+        _clear_previous_run(out_dir)
+        (out_dir / IN_PROGRESS_FILE).write_text(fingerprint + "\n", encoding="utf-8")
 
-    if tokenizer is None:
-        passes = iter(("characters", "vocabulary"))
+        if tokenizer is None:
+            passes = iter(("characters", "vocabulary"))
 
-        def sentences() -> Iterator[str]:  # train_wordpiece reads the corpus twice, streamed each time
-            documents = corpus.documents()
-            if progress:
-                documents = _progress_bar(documents, next(passes, "vocabulary"))
-            return (sentence for document in documents for sentence in document)
+            def sentences() -> Iterator[str]:  # train_wordpiece reads the corpus twice, streamed each time
+                documents = corpus.documents()
+                if progress:
+                    documents = _progress_bar(documents, next(passes, "vocabulary"))
+                return (sentence for document in documents for sentence in document)
 
-        wordpiece = train_wordpiece(sentences, vocab_size=vocab_size, lowercase=True if lowercase is None else lowercase,
-                                    min_frequency=min_frequency)
-    else:
-        wordpiece = load_wordpiece(tokenizer, lowercase=lowercase)
-    tokenizer_files = wordpiece.save(out_dir)
+            wordpiece = train_wordpiece(sentences, vocab_size=vocab_size, lowercase=True if lowercase is None else lowercase,
+                                        min_frequency=min_frequency)
+        else:
+            wordpiece = load_wordpiece(tokenizer, lowercase=lowercase)
+        tokenizer_files = wordpiece.save(out_dir)
 
-    dtype = token_dtype_for(wordpiece.vocab_size)
-    writer = ShardWriter(out_dir, dtype, shard_tokens)
-    documents = corpus.documents()
-    if progress:
-        documents = _progress_bar(documents, "tokenize")
-    for batch in _batches(documents, batch_sentences):
-        _write_batch(writer, wordpiece, batch)
-    shards = writer.close()
-    if not shards:
-        raise ValueError(f"no document of {corpus.describe()} has any token after tokenization")
+        dtype = token_dtype_for(wordpiece.vocab_size)
+        writer = ShardWriter(out_dir, dtype, shard_tokens)
+        documents = corpus.documents()
+        if progress:
+            documents = _progress_bar(documents, "tokenize")
+        for batch in _batches(documents, batch_sentences):
+            _write_batch(writer, wordpiece, batch)
+        shards = writer.close()
+        if not shards:
+            raise ValueError(f"no document of {corpus.describe()} has any token after tokenization")
 
-    special = wordpiece.special_ids
-    metadata = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "fingerprint": fingerprint,
-        "inputs": corpus.sources,
-        "tokenizer_source": "trained" if tokenizer is None else str(Path(tokenizer).expanduser().resolve()),
-        "vocab_size": wordpiece.vocab_size,
-        "vocab_sha256": wordpiece.vocab_sha256(),
-        "lowercase": wordpiece.lowercase,
-        "special_tokens": {"pad": special.pad, "unk": special.unk, "cls": special.cls, "sep": special.sep,
-                           "mask": special.mask},
-        "token_dtype": dtype.name,
-        "num_documents": sum(shard.num_documents for shard in shards),
-        "num_sentences": sum(shard.num_sentences for shard in shards),
-        "num_tokens": sum(shard.num_tokens for shard in shards),
-        "replaced_bytes": corpus.replaced_bytes,
-        "shard_tokens": shard_tokens,
-        "shards": [shard.to_json() for shard in shards],
-        "tokenizer_files": [path.name for path in tokenizer_files],
-        # No time stamp: the same inputs, settings and versions give the same bytes (the versions are here).
-        "python": sys.version.split()[0],
-        "tokenizers": tokenizers.__version__,
-    }
-    # Last, and atomically: from this moment the folder is a finished prepared folder.
-    atomic_write_text(out_dir / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
-    (out_dir / IN_PROGRESS_FILE).unlink(missing_ok=True)
-    return load_prepared(out_dir)
+        special = wordpiece.special_ids
+        metadata = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "inputs": corpus.sources,
+            "tokenizer_source": "trained" if tokenizer is None else str(Path(tokenizer).expanduser().resolve()),
+            "vocab_size": wordpiece.vocab_size,
+            "vocab_sha256": wordpiece.vocab_sha256(),
+            "lowercase": wordpiece.lowercase,
+            "special_tokens": {"pad": special.pad, "unk": special.unk, "cls": special.cls, "sep": special.sep,
+                               "mask": special.mask},
+            "token_dtype": dtype.name,
+            "num_documents": sum(shard.num_documents for shard in shards),
+            "num_sentences": sum(shard.num_sentences for shard in shards),
+            "num_tokens": sum(shard.num_tokens for shard in shards),
+            "replaced_bytes": corpus.replaced_bytes,
+            "shard_tokens": shard_tokens,
+            "shards": [shard.to_json() for shard in shards],
+            "tokenizer_files": [path.name for path in tokenizer_files],
+            # No time stamp: the same inputs, settings and versions give the same bytes (the versions are here).
+            "python": sys.version.split()[0],
+            "tokenizers": tokenizers.__version__,
+        }
+        # Last, and atomically: from this moment the folder is a finished prepared folder.
+        atomic_write_text(out_dir / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
+        (out_dir / IN_PROGRESS_FILE).unlink(missing_ok=True)
+        return load_prepared(out_dir)
 
 
 def load_prepared(data_dir: str | os.PathLike) -> PreparedData:
@@ -242,8 +244,8 @@ def _tokenizer_recipe(tokenizer, vocab_size: int, lowercase: bool | None, min_fr
 def _owned_by_prepare(path: Path) -> bool:
     """Files that a prepare run writes (so a rerun may delete them)."""
     name = path.name
-    return (path.match(SHARD_PATTERN) or name in TOKENIZER_FILES or name in (METADATA_FILE, IN_PROGRESS_FILE)
-            or (name.startswith(".") and name.endswith(".tmp")))
+    return (path.match(SHARD_PATTERN) or name in TOKENIZER_FILES
+            or name in (METADATA_FILE, IN_PROGRESS_FILE, LOCK_NAME) or (name.startswith(".") and name.endswith(".tmp")))
 
 
 def _finished_run(out_dir: Path, fingerprint: str, overwrite: bool) -> PreparedData | None:
@@ -274,7 +276,8 @@ def _clear_previous_run(out_dir: Path) -> None:
     # metadata.json first: from then on the folder no longer looks finished.
     (out_dir / METADATA_FILE).unlink(missing_ok=True)
     for path in entries:
-        path.unlink(missing_ok=True)
+        if path.name != LOCK_NAME:  # held by this run: a new file would let a second run lock it too
+            path.unlink(missing_ok=True)
 
 
 def _batches(documents: Iterable[list[str]], batch_sentences: int) -> Iterator[list[list[str]]]:

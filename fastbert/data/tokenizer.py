@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,9 +74,18 @@ class WordPieceTokenizer:
         return SpecialTokenIds(*(ids[token] for token in SPECIAL_TOKENS))
 
     def encode_batch(self, sentences: Sequence[str]) -> list[list[int]]:
-        """Token ids of each sentence, without special tokens; parallel (Rayon threads) inside tokenizers."""
+        """Token ids of each sentence, without special tokens; parallel (Rayon threads) inside tokenizers.
+
+        Text is text: a literal ``[MASK]``, ``[CLS]``, ... in a sentence is tokenized as the characters it
+        is made of (as BERT's own data pipeline does), never as the special token's id. The tokenizer's
+        saved files keep transformers' behaviour (special tokens matched in text), as fill-mask needs."""
         encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)  # fast: no offsets
-        return [encoding.ids for encoding in encode(list(sentences), add_special_tokens=False)]
+        matched = self.tokenizer.encode_special_tokens
+        self.tokenizer.encode_special_tokens = True
+        try:
+            return [encoding.ids for encoding in encode(list(sentences), add_special_tokens=False)]
+        finally:
+            self.tokenizer.encode_special_tokens = matched
 
     def vocab_tokens(self) -> list[str]:
         """The vocabulary in id order (ids must be 0..V-1 without gaps, as ``vocab.txt`` needs)."""
@@ -140,6 +150,7 @@ def train_wordpiece(sentences: Iterable[str] | Callable[[], Iterable[str]], *, v
             sentences = list(sentences)
         read = functools.partial(iter, sentences)
     trainer = BertWordPieceTokenizer(lowercase=lowercase)
+    read = _without_overlong_words(read, trainer._tokenizer)
     alphabet, continuing = _alphabet(trainer._tokenizer, read(), limit_alphabet)
     # Deterministic training around the trainer's hash-map orders (huggingface/tokenizers issue 1794):
     # it gives "##c" pieces ids in the (per-process random) order it meets words, breaks count ties
@@ -152,6 +163,27 @@ def train_wordpiece(sentences: Iterable[str] | Callable[[], Iterable[str]], *, v
                                 special_tokens=[*SPECIAL_TOKENS, *continuing_pieces], show_progress=False,
                                 wordpieces_prefix=CONTINUING_PREFIX)
     return WordPieceTokenizer(_canonical_tokenizer(trainer._tokenizer, alphabet, continuing_pieces), lowercase)
+
+
+def _without_overlong_words(read: Callable[[], Iterable[str]], tokenizer: tokenizers.Tokenizer
+                            ) -> Callable[[], Iterator[str]]:
+    """``read`` with the words longer than WordPiece's ``max_input_chars_per_word`` (100) taken out of the
+    sentences: they encode as ``[UNK]`` whatever the vocabulary, and the trainer's time grows with the
+    square of a word's length (one 2 MB "word" took minutes). Only a sentence holding a run of that many
+    non-space characters is rebuilt (normalized, split into words as the trainer splits it, the long
+    words dropped): every other sentence, and so the vocabulary of an ordinary corpus, is unchanged."""
+    limit = getattr(tokenizer.model, "max_input_chars_per_word", 100)
+    suspicious = re.compile(r"\S{%d,}" % (limit + 1))
+    normalizer, pre_tokenizer = tokenizer.normalizer, tokenizer.pre_tokenizer
+
+    def bounded() -> Iterator[str]:
+        for sentence in read():
+            if len(sentence) > limit and suspicious.search(sentence):
+                words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(sentence))
+                sentence = " ".join(word for word, _ in words if len(word) <= limit)
+            yield sentence
+
+    return bounded
 
 
 def _alphabet(tokenizer: tokenizers.Tokenizer, sentences: Iterable[str], limit: int,

@@ -30,7 +30,7 @@ from fastbert.pretrain.config import PretrainConfig, PretrainResult
 from fastbert.pretrain.distributed import log
 from fastbert.pretrain.flops import peak_tflops, training_flops
 from fastbert.pretrain.interrupts import StopRequests
-from fastbert.pretrain.lock import FolderLock
+from fastbert._folder_lock import FolderLock
 from fastbert.pretrain.metrics import MetricsLog
 from fastbert.pretrain.rng import rng_state, seed_everything, torch_rng_state
 from fastbert.training.optim import build_optimizer

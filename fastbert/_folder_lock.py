@@ -1,4 +1,5 @@
-"""One run per output folder: an exclusive ``flock`` on ``OUT/.lock``, which holds the owner's pid and host.
+"""One run per output folder (``fastbert pretrain`` and ``fastbert prepare``): an exclusive ``flock`` on
+``OUT/.lock``, which holds the owner's pid and host.
 
 The kernel drops the lock when its process ends in any way (kill -9 included), so a stale lock file
 never blocks the next run.
