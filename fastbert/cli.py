@@ -114,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from fastbert.backend import BackendUnavailableError  # after parsing: --help needs no torch
+
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, BackendUnavailableError) as err:
         # Bad input is reported as one line, not a traceback.
         print(f"fastbert {args.command}: error: {err}", file=sys.stderr)
         return 2

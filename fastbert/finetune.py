@@ -29,7 +29,7 @@ from fastbert import weights
 from fastbert.config import BertConfig
 from fastbert.device import DEVICES_HELP, PRECISION_HELP, PRECISIONS, resolve_device, resolve_precision
 from fastbert.modeling import BertForSequenceClassification
-from fastbert.options import check_options, option
+from fastbert.options import MAX_LR, MAX_SEED, check_options, option
 from fastbert.training.export import check_replaceable, export_folder
 from fastbert.training.optim import build_optimizer
 from fastbert.training.schedule import build_scheduler, warmup_steps
@@ -52,12 +52,13 @@ class FinetuneConfig:
     text_pair_col: str | None = option(None, help="column with the second text of a pair, if any")
     label_col: str = option("label", help="column with the label")
     epochs: int = option(3, help="passes over the training examples", at_least=1)
-    lr: float = option(5e-5, help="peak learning rate (AdamW, linear schedule)", above=0)
+    lr: float = option(5e-5, help="peak learning rate (AdamW, linear schedule)", above=0, at_most=MAX_LR)
     batch_size: int = option(32, help="examples per optimizer step", at_least=1)
     seq_len: int = option(128, help="longest input in tokens ([CLS] text [SEP]); longer ones are cut", at_least=3)
     precision: str = option("auto", help=PRECISION_HELP, choices=PRECISIONS)
     device: str = option("auto", help=DEVICES_HELP)
-    seed: int = option(0, help="seed of the classifier's weights, the shuffling and dropout")
+    seed: int = option(0, help="seed of the classifier's weights, the shuffling and dropout", at_least=0,
+                       at_most=MAX_SEED)
     weight_decay: float = option(0.01, help="AdamW weight decay (not on biases/LayerNorm)", at_least=0)
     warmup_ratio: float = option(0.1, help="fraction of the steps spent warming up", at_least=0, below=1)
     max_steps: int | None = option(None, help="stop after this many optimizer steps (smoke runs)", at_least=1)

@@ -18,6 +18,10 @@ from dataclasses import MISSING
 from typing import Any, Sequence
 
 _KEY = "fastbert.option"
+# Bounds several jobs share: torch and numpy take seeds that fit in a signed 64-bit integer; a learning
+# rate above 1 is a typo for AdamW and LAMB alike (and 1e300 overflows the update).
+MAX_SEED = 2**63 - 1
+MAX_LR = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,19 +87,23 @@ def _label(declared: _Declared) -> str:
 def _describe(kind: type, opt: Option) -> str:
     """The rule in words: 'a positive integer', 'a number in (0, 1)', 'an integer >= 8', ..."""
     noun, article = ("integer", "an") if kind is int else ("number", "a")
+
+    def show(bound: float) -> str:
+        return str(int(bound)) if kind is int else f"{bound:g}"
+
     low = opt.above if opt.above is not None else opt.at_least
     high = opt.below if opt.below is not None else opt.at_most
     if low is not None and high is not None:
         left, right = "(" if opt.above is not None else "[", ")" if opt.below is not None else "]"
-        return f"a {noun} in {left}{low:g}, {high:g}{right}"
+        return f"{article} {noun} in {left}{show(low)}, {show(high)}{right}"
     if opt.above == 0 or (kind is int and opt.at_least == 1):
         return f"a positive {noun}"
     if opt.above is not None:
-        return f"a {noun} > {opt.above:g}"
+        return f"{article} {noun} > {show(opt.above)}"
     if opt.at_least is not None:
-        return f"{article} {noun} >= {opt.at_least:g}"
+        return f"{article} {noun} >= {show(opt.at_least)}"
     if high is not None:
-        return f"a {noun} {'<' if opt.below is not None else '<='} {high:g}"
+        return f"{article} {noun} {'<' if opt.below is not None else '<='} {show(high)}"
     return f"{article} {noun}"
 
 
@@ -114,6 +122,8 @@ def _check_value(label: str, value: Any, kind: type, opt: Option) -> None:
     elif kind is str:
         if not isinstance(value, (str, os.PathLike)):  # paths are given as either
             raise ValueError(f"{label} must be text, got {value!r}")
+        if not str(os.fspath(value)).strip():  # an empty --out would write into the current folder
+            raise ValueError(f"{label} must not be empty")
     elif not isinstance(value, kind):
         raise ValueError(f"{label} must be a {kind.__name__}, got {value!r}")
     if opt.choices is not None and value not in opt.choices:

@@ -464,10 +464,11 @@ _FP32_BWD_DQ = {
     (64, False): Tile(32, 64, 8, 2), (64, True): Tile(32, 64, 8, 2),
     (128, False): Tile(32, 16, 8, 2), (128, True): Tile(32, 16, 8, 2),
 }
-# dK/dV also keeps two (BLOCK_N, head dim) fp32 accumulators: smaller tiles, and at BLOCK_D 128 one per
-# dropout setting (32 x 32 spills with dropout at head dims 80 and 96, 16 x 16 on 8 warps without it).
+# dK/dV also keeps two (BLOCK_N, head dim) fp32 accumulators: smaller tiles, and at BLOCK_D 16 and 128 one
+# per dropout setting (BLOCK_D 16: 32 x 64 spills 8 B with dropout at head dim 8, padded, since the shared
+# backward tile; BLOCK_D 128: 32 x 32 spills with dropout at head dims 80 and 96, 16 x 16 on 8 warps without).
 _FP32_BWD_DKDV = {
-    (16, False): Tile(32, 64, 8, 1), (16, True): Tile(32, 64, 8, 1),
+    (16, False): Tile(32, 64, 8, 1), (16, True): Tile(32, 32, 8, 1),
     (32, False): Tile(16, 32, 8, 1), (32, True): Tile(16, 32, 8, 1),
     (64, False): Tile(16, 16, 4, 1), (64, True): Tile(16, 16, 4, 1),
     (128, False): Tile(32, 32, 8, 1), (128, True): Tile(16, 16, 8, 2),

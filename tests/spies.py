@@ -33,3 +33,16 @@ def record_triton_decisions(monkeypatch) -> list[tuple[str, bool]]:
 
     monkeypatch.setattr(backend, "use_triton", recording)
     return decisions
+
+
+def diverge_from_step(monkeypatch, step: int) -> None:
+    """From optimizer step ``step`` on, every backward pass sees an infinite loss (the training core's
+    divergence rule must stop the run): what an exploding run does, without an overflowing flag."""
+    from fastbert.training.update import Updater
+
+    backward = Updater.backward
+
+    def diverging(self, loss):
+        return backward(self, loss * float("inf") if self.step >= step else loss)
+
+    monkeypatch.setattr(Updater, "backward", diverging)

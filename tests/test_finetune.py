@@ -206,7 +206,7 @@ def test_bad_options(tiny_checkpoint, tmp_path, capsys):
     two = write_csv(tmp_path / "two.csv", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
     common = ["--model", str(tiny_checkpoint), "--train", str(two), "--eval", str(two), "--seq-len", "32"]
     assert "--seq-len 65 is longer" in finetune_error(capsys, *common[:-2], "--seq-len", "65")
-    assert "--lr must be a positive number" in finetune_error(capsys, *common, "--lr", "0")
+    assert "--lr must be a number in (0, 1]" in finetune_error(capsys, *common, "--lr", "0")
     assert "--epochs must be a positive integer" in finetune_error(capsys, *common, "--epochs", "0")
     # device and precision are resolved by fastbert.device, as for pretrain
     assert "device must be auto | cpu | cuda | cuda:N, got 'gpu0'" in finetune_error(capsys, *common, "--device", "gpu0")
@@ -397,10 +397,13 @@ def test_output_holding_other_files_is_refused_before_training(tiny_checkpoint, 
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
-def test_a_diverging_run_stops_and_saves_nothing(tiny_checkpoint, tmp_path, capsys):
+def test_a_diverging_run_stops_and_saves_nothing(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    from tests.spies import diverge_from_step
+
+    diverge_from_step(monkeypatch, 2)  # a learning rate that overflows is refused up front: inf gradients
     config = _small_run(tiny_checkpoint, tmp_path)
     err = finetune_error(capsys, "--model", config.model, "--train", config.train, "--eval", config.eval,
-                         "--text-col", "sentence", "--output", config.output, "--seq-len", "16", "--lr", "1e30")
+                         "--text-col", "sentence", "--output", config.output, "--seq-len", "16")
     assert "diverged" in err and "NaN or infinite from step" in err and "--warmup-ratio" in err
     assert not (tmp_path / "out").exists()
 

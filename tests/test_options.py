@@ -2,6 +2,7 @@
 bounds); the parsers are built from them and validate() checks the same rules for configs made in Python."""
 import argparse
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,29 @@ def test_help_is_readable(capsys):
         text = capsys.readouterr().out
         assert "--max-steps" in text and "--precision {auto,bf16,fp16,fp32}" in text
         assert "(default: 128)" in text  # --seq-len's default, shown
+
+
+@pytest.mark.parametrize("config_class,field,value,message", [
+    (PretrainConfig, "lr", 1e300, "--lr must be a number in (0, 1]"),
+    (FinetuneConfig, "lr", 2.0, "--lr must be a number in (0, 1]"),
+    (PretrainConfig, "seed", 2**70, "--seed must be an integer in [0, 9223372036854775807]"),
+    (FinetuneConfig, "seed", -1, "--seed must be an integer in [0, "),
+    (PretrainConfig, "out", "", "--out must not be empty"),
+    (PretrainConfig, "out", "  ", "--out must not be empty"),
+    (PretrainConfig, "eval_batches", 100_000_000, "--eval-batches must be an integer in [0, 10000]"),
+])
+def test_overflowing_and_empty_values_name_the_flag(config_class, field, value, message):
+    base = {} if config_class is PretrainConfig else dict(model="m", train="t.csv", eval="e.csv")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config_class(**base, **{field: value}).validate()
+
+
+def test_backend_triton_without_a_gpu_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(backend, "triton_can_run_on", lambda tensor: False)
+    code = cli_main(["pretrain", "--out", str(tmp_path / "run"), "--backend", "triton", "--max-steps", "1",
+                     "--eval-batches", "0", "--num-workers", "0", "--corpus", "builtin"])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("fastbert pretrain: error: FASTBERT_BACKEND=triton"), err
+    assert "Traceback" not in err

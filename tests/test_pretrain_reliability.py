@@ -253,8 +253,11 @@ def test_bad_newest_checkpoint_falls_back(tmp_path, data_dir, two_checkpoints, c
 
 
 # --- item 8: a diverging run stops -----------------------------------------------------------------------
-def test_diverging_run_stops_with_a_message_and_exports_nothing(tmp_path, data_dir, capsys):  # noqa: F811
-    argv = ["pretrain", "--data", str(data_dir), "--out", str(tmp_path), "--lr", "1e30", "--max-steps", "20",
+def test_diverging_run_stops_with_a_message_and_exports_nothing(tmp_path, data_dir, capsys, monkeypatch):  # noqa: F811
+    from tests.spies import diverge_from_step
+
+    diverge_from_step(monkeypatch, 3)  # a learning rate that overflows is refused up front: inf gradients
+    argv = ["pretrain", "--data", str(data_dir), "--out", str(tmp_path), "--lr", "1e-3", "--max-steps", "20",
             "--log-every", "5", "--save-every", "10", "--batch-size", "4", "--seq-len", "32", "--num-workers", "0",
             "--eval-batches", "0", "--no-progress"]
     assert cli_main(argv) == 2

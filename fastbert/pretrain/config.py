@@ -7,13 +7,17 @@ from pathlib import Path
 
 from fastbert.backend import BACKENDS
 from fastbert.device import DEVICES_HELP, PRECISION_HELP, PRECISIONS
-from fastbert.options import check_options, option
+from fastbert.options import MAX_LR, MAX_SEED, check_options, option
 from fastbert.training.optim import OPTIMIZERS
 from fastbert.training.schedule import SCHEDULES
 
 # The tuned default peak lr per optimizer: 2e-2 for LAMB was measured best for bert-tiny at batch 32
 # (docs/pretrain_sweep.md); large models and batches want their own.
 DEFAULT_LR = {"lamb": 2e-2, "adamw": 5e-4}
+
+
+# Each eval batch is collated once and kept: 10 k batches of 32 pairs is already far past a useful eval.
+MAX_EVAL_BATCHES = 10_000
 
 
 @dataclass
@@ -27,7 +31,7 @@ class PretrainConfig:
     batch_size: int = option(32, help="sequences per device per micro-step", at_least=1)
     grad_accum: int = option(1, help="micro-steps per optimizer step (gradient accumulation)", at_least=1)
     seq_len: int = option(128, help="tokens per training pair", at_least=8)
-    lr: float | None = option(None, above=0, help="peak learning rate (default 2e-2 LAMB: tuned for bert-tiny at "
+    lr: float | None = option(None, above=0, at_most=MAX_LR, help="peak learning rate (default 2e-2 LAMB: tuned for bert-tiny at "
                                                   "batch 32; 5e-4 AdamW)")
     warmup: float = option(0.06, help="< 1: fraction of max steps; >= 1: steps", at_least=0)
     schedule: str = option("linear", help="decay to zero after the warmup", choices=SCHEDULES)
@@ -35,13 +39,14 @@ class PretrainConfig:
     weight_decay: float = option(0.01, help="weight decay (not on biases and LayerNorm)", at_least=0)
     clip: float = option(1.0, help="global gradient-norm clip (0: off)", at_least=0)
     precision: str = option("auto", help=PRECISION_HELP, choices=PRECISIONS)
-    seed: int = option(0, help="seed of the weights, data order, masks and dropout")
+    seed: int = option(0, help="seed of the weights, data order, masks and dropout", at_least=0, at_most=MAX_SEED)
     log_every: int = option(10, help="steps between metrics rows", at_least=1)
     save_every: int = option(200, help="steps between checkpoints", at_least=1)
     keep: int = option(3, help="checkpoints to keep", at_least=1)
     eval_every: int = option(250, help="steps between held-out evals", at_least=1)
     # 80 x 32 held-out pairs: the binomial standard error of NSP accuracy is <= 1 point (MLM: ~0.2).
-    eval_batches: int = option(80, help="held-out batches per eval (collated once)", at_least=0)
+    eval_batches: int = option(80, help="held-out batches per eval (collated once, so memory follows)", at_least=0,
+                               at_most=MAX_EVAL_BATCHES)
     eval_fraction: float = option(0.05, above=0, below=1,
                                   help="fraction of the documents held out for eval (spread over the corpus, "
                                        "never trained on)")
