@@ -32,7 +32,17 @@ def compile_cases(case_set_name: str, case_filter: str = "", shard: int = 0, sha
         raise ValueError("unset TRITON_INTERPRET (the interpreter's kernels cannot be compiled)")
     words = case_filter.split()
     cases = [c for c in case_set(case_set_name) if all(word in c.label.split() for word in words)]
-    return compile_all(capture(cases[shard::shards]))
+    # A fresh Triton cache: on a cache hit ptxas does not run, and its log (registers, spills) is empty.
+    previous = os.environ.get("TRITON_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="fastbert-static-") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        try:
+            return compile_all(capture(cases[shard::shards]))
+        finally:
+            if previous is None:
+                os.environ.pop("TRITON_CACHE_DIR", None)
+            else:
+                os.environ["TRITON_CACHE_DIR"] = previous
 
 
 def compile_in_subprocess(case_names: str = "default", jobs: int = 1, timeout: float = 3600,
