@@ -320,3 +320,17 @@ def test_fp16_on_cpu_counts_every_skip_saves_the_scale_and_resumes_exactly(tmp_p
     assert first.losses + second.losses == straight.losses
     assert second.param_checksum == straight.param_checksum
     assert step_rows(tmp_path / "paused")[-1]["skipped_steps"] == last["skipped_steps"]
+
+
+# --- round two, item 4: a damaged run_config.json is an error naming it -------------------------------------
+@pytest.mark.parametrize("text,message", [
+    ('{"pretrain": {}}', "has no 'model_config' object"),
+    ("[1]", "has no 'model_config' object"),
+    ("{bad", "is not valid JSON"),
+])
+def test_a_damaged_run_config_is_refused_naming_it(tmp_path, data_dir, two_checkpoints, text, message):  # noqa: F811
+    out = fresh_copy(two_checkpoints, tmp_path)
+    (out / "run_config.json").write_text(text)
+    with pytest.raises(ValueError, match=f"{out / 'run_config.json'} {message}"):
+        resume(out, data_dir)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_4"]  # nothing lost

@@ -33,6 +33,20 @@ from fastbert.training.update import Updater
 RUN_CONFIG = "run_config.json"
 
 
+def _saved_model_config(path: Path) -> dict:
+    """The ``model_config`` of a run's ``run_config.json``; a ValueError naming the file when it is not
+    what a run writes (hand-edited, truncated, another program's)."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); restore it or choose another --out") from None
+    model_config = saved.get("model_config") if isinstance(saved, dict) else None
+    if not isinstance(model_config, dict):
+        raise ValueError(f"{path} has no 'model_config' object (not written by `fastbert pretrain`?); restore it "
+                         "or choose another --out")
+    return model_config
+
+
 class Checkpointer:
     def __init__(self, config: PretrainConfig, info: distributed.DistInfo, data):
         self.config = config
@@ -57,7 +71,7 @@ class Checkpointer:
             return
         saved = self.out / RUN_CONFIG
         if saved.is_file():  # resuming into a folder trained with another architecture is a mistake
-            previous = json.loads(saved.read_text())["model_config"]
+            previous = _saved_model_config(saved)
             now = model_config.to_dict()
             diffs = [k for k in sorted(set(previous) | set(now))
                      if k != "architectures" and previous.get(k) != now.get(k)]
