@@ -334,3 +334,13 @@ def test_a_damaged_run_config_is_refused_naming_it(tmp_path, data_dir, two_check
     with pytest.raises(ValueError, match=f"{out / 'run_config.json'} {message}"):
         resume(out, data_dir)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_4"]  # nothing lost
+
+
+# --- round two, item 17: checkpoints/ a symlink loop stops at once ------------------------------------------
+def test_a_checkpoints_symlink_loop_stops_before_training(tmp_path, data_dir):  # noqa: F811
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").symlink_to(out / "checkpoints")  # points at itself
+    with pytest.raises(ValueError, match="checkpoints is a symbolic link that leads to no folder"):
+        resume(out, data_dir)
+    assert not (out / "metrics.jsonl").exists()

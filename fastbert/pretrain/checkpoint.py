@@ -61,6 +61,9 @@ class Checkpointer:
     def claim(self, model_config: BertConfig) -> None:
         """Tidy the folder (we hold its lock) and check that this run may use it: without --resume it must
         hold no checkpoints; with it, the run it holds must have this model config."""
+        if self.root.is_symlink() and not self.root.is_dir():  # a loop, or a link to nothing
+            raise ValueError(f"{self.root} is a symbolic link that leads to no folder (a loop?); remove it or "
+                             "point it at the checkpoints folder")
         if self.info.is_main:
             files.remove_stale_staging(self.root)  # saves killed midway
             remove_stale_staging(self.final_dir)   # exports killed midway
