@@ -360,6 +360,8 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     if not model_dir.is_dir():
         raise FileNotFoundError(f"--model {config.model!r} is not a checkpoint directory")
     output = Path(config.output) if config.output else Path.cwd() / f"{model_dir.resolve().name}-finetuned"
+    if output.resolve() == model_dir.resolve():  # the export would replace the weights it starts from
+        raise ValueError(f"--output {config.output} is the --model folder; choose another output folder")
     tokenizer_files = [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
     saved_files = (*MODEL_FILES, *(path.name for path in tokenizer_files))
     check_replaceable(output, saved_files)  # before training: the save at the end must not be refused

@@ -428,3 +428,12 @@ def test_training_reads_nothing_from_the_device_per_step(tiny_checkpoint, tmp_pa
     result = run_finetune(_small_run(tiny_checkpoint, tmp_path, epochs=2))  # 40 examples: 5 steps per epoch
     monkeypatch.undo()
     assert result.steps == 10 and len(reads) <= 2 + 1, reads
+
+
+def test_output_equal_to_the_model_is_refused_before_training(tiny_checkpoint, tmp_path, capsys):
+    config = _small_run(tiny_checkpoint, tmp_path)
+    before = {p.name: p.read_bytes() for p in tiny_checkpoint.iterdir()}
+    err = finetune_error(capsys, "--model", config.model, "--train", config.train, "--eval", config.eval,
+                         "--text-col", "sentence", "--output", str(tiny_checkpoint / "."), "--seq-len", "16")
+    assert "is the --model folder" in err and "epoch" not in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in tiny_checkpoint.iterdir()} == before
