@@ -50,7 +50,8 @@ class FinetuneConfig:
     output: str | None = option(None, help="where to save the model (default: ./<model>-finetuned)")
     text_col: str = option("text", help="column with the text")
     text_pair_col: str | None = option(None, help="column with the second text of a pair, if any")
-    label_col: str = option("label", help="column with the label")
+    label_col: str = option("label", help="column with the label (a whole number is one label however "
+                                          "spelled: 1, 1.0 and 01 are all 1)")
     epochs: int = option(3, help="passes over the training examples", at_least=1)
     lr: float = option(5e-5, help="peak learning rate (AdamW, linear schedule)", above=0, at_most=MAX_LR)
     batch_size: int = option(32, help="examples per optimizer step", at_least=1)
@@ -88,13 +89,24 @@ class FinetuneResult:
 # Data
 # ---------------------------------------------------------------------------------------------------
 def _label_text(value: Any, where: str) -> str:
+    """A label as text; a whole number however spelled (1, 1.0, "01", JSON 1.0) is one label, "1"."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, str)) or (isinstance(value, float) and math.isfinite(value)):
         text = str(value).strip()
         if text:
-            return text
+            return _whole_number(text) or text
     raise ValueError(f"{where}: the label is missing or not a string/number (got {value!r})")
+
+
+def _whole_number(text: str) -> str | None:
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(number) or number != int(number) or abs(number) >= 2**53:
+        return None  # "inf", "nan", 0.5, and integers a float cannot hold keep their spelling
+    return str(int(number))
 
 
 def _text(value: Any, column: str, where: str) -> str:
@@ -147,7 +159,15 @@ def _csv_rows(path: Path, text: str):
         raise ValueError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
     if not header:
         raise ValueError(f"{path} is empty: expected a header line with the column names")
+    _check_unique_columns(path, header)
     return rows, header
+
+
+def _check_unique_columns(path: Path, header: list[str]) -> None:
+    """A column named twice would silently take its last value: refused."""
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{path}: the header names column {', '.join(map(repr, repeated))} more than once")
 
 
 def _tsv_rows(path: Path, text: str):
@@ -157,6 +177,7 @@ def _tsv_rows(path: Path, text: str):
     if not lines or not lines[0].strip():
         raise ValueError(f"{path} is empty: expected a header line with the column names")
     header = lines[0].split("\t")
+    _check_unique_columns(path, header)
     rows = []
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
@@ -170,15 +191,25 @@ def _tsv_rows(path: Path, text: str):
     return rows, header
 
 
+def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise KeyError(key)  # json.loads would keep the last value silently
+    return dict(pairs)
+
+
 def _json_lines_rows(path: Path, text: str):
     rows, columns = [], {}
     for number, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=_object_without_repeats)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}); expected one JSON object per line") from None
+        except KeyError as err:
+            raise ValueError(f"{path}:{number}: the object names key {err.args[0]!r} more than once") from None
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         columns.update(dict.fromkeys(record))

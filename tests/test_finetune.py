@@ -437,3 +437,23 @@ def test_output_equal_to_the_model_is_refused_before_training(tiny_checkpoint, t
                          "--text-col", "sentence", "--output", str(tiny_checkpoint / "."), "--seq-len", "16")
     assert "is the --model folder" in err and "epoch" not in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in tiny_checkpoint.iterdir()} == before
+
+
+def test_one_label_however_spelled_and_repeated_columns_refused(tmp_path):
+    from fastbert.finetune import label_set, read_examples
+
+    csv_file = tmp_path / "mixed.csv"
+    csv_file.write_text("text,label\na,1\nb,1.0\nc, 01\nd,0\ne,0.5\nf,inf\n")
+    examples = read_examples(csv_file)
+    assert [e.label for e in examples] == ["1", "1", "1", "0", "0.5", "inf"]
+    assert label_set(examples) == ["0", "0.5", "1", "inf"]
+    jsonl = tmp_path / "mixed.jsonl"
+    jsonl.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 1.0}\n{"text": "c", "label": "1"}\n')
+    assert {e.label for e in read_examples(jsonl)} == {"1"}
+    for name, text in (("twice.csv", "text,label,label\na,0,1\n"), ("twice.tsv", "text\tlabel\tlabel\na\t0\t1\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=f"{name}: the header names column 'label' more than once"):
+            read_examples(tmp_path / name)
+    (tmp_path / "twice.jsonl").write_text('{"text": "a", "label": 0, "label": 1}\n')
+    with pytest.raises(ValueError, match="twice.jsonl:1: the object names key 'label' more than once"):
+        read_examples(tmp_path / "twice.jsonl")
