@@ -40,6 +40,16 @@ _ALIASES = {
 _IGNORED_KEYS = {"model_type", "transformers_version", "_name_or_path"}
 
 
+# The largest size of each field fastbert builds a model with: far beyond any released BERT (XLM-R's
+# vocabulary is 250 002, BERT-large's intermediate 4 096), so that a damaged config.json (a size of
+# 10**12) is refused by name before anything is allocated.
+SIZE_LIMITS = {
+    "vocab_size": 1 << 22, "hidden_size": 1 << 15, "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 10,
+    "intermediate_size": 1 << 17, "max_position_embeddings": 1 << 20, "type_vocab_size": 1 << 16,
+    "num_labels": 1 << 20,
+}
+
+
 @dataclass
 class BertConfig:
     """A BERT architecture. Field names are those of HF ``config.json``; unknown keys are kept in
@@ -75,11 +85,13 @@ class BertConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels"):
+        for name, largest in SIZE_LIMITS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"BertConfig.{name} must be a positive integer, got {value!r}")
+            if value > largest:  # before any allocation: a typo'd 10**12 is a message, not an allocator trace
+                raise ValueError(f"BertConfig.{name} is {value}, more than fastbert builds ({largest}); "
+                                 "is the config.json damaged?")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"BertConfig.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "

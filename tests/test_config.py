@@ -89,3 +89,15 @@ def test_bad_config_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="model_type"):
         BertConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("field", ["vocab_size", "intermediate_size", "hidden_size"])
+def test_absurd_sizes_in_a_config_json_are_refused_before_allocating(tmp_path, field):
+    import fastbert
+
+    config = fastbert.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64).to_dict()
+    config[field] = 10**12
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"BertConfig.{field} is 1000000000000, more than fastbert builds"):
+        fastbert.BertForSequenceClassification.from_pretrained(tmp_path)
