@@ -107,3 +107,40 @@ def test_two_prepares_on_one_folder_the_second_stops_naming_the_first(tmp_path):
         holder.join(30)
     prepare_corpus(path, out, vocab_size=100)  # the lock went with its process
     assert prepare_corpus(path, out, vocab_size=100).reused
+
+
+def _prepared(tmp_path):
+    path = tmp_path / "corpus.txt"
+    write_bert_format(path, random_documents(4, 30))
+    return prepare_corpus(path, tmp_path / "data", vocab_size=120).data_dir
+
+
+def test_a_tampered_data_folder_is_refused_naming_the_file(tmp_path):
+    import json
+    import shutil
+
+    data = _prepared(tmp_path)
+    load_prepared(data)  # intact: loads
+
+    edited = tmp_path / "edited"
+    shutil.copytree(data, edited)
+    metadata = json.loads((edited / "metadata.json").read_text())
+    metadata["num_documents"] *= 10
+    (edited / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match="num_documents .* is not the sum over its shards"):
+        load_prepared(edited)
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(data, swapped)
+    vocab = (swapped / "vocab.txt").read_text().splitlines()
+    vocab[-1], vocab[-2] = vocab[-2], vocab[-1]  # same size, other ids
+    (swapped / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    with pytest.raises(ValueError, match=f"{swapped / 'vocab.txt'} is not the vocabulary"):
+        load_prepared(swapped)
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(data, truncated)
+    shard = next(truncated.glob("*.tokens.npy"))
+    shard.write_bytes(shard.read_bytes()[:-40])
+    with pytest.raises(ValueError, match=f"{shard} is truncated or damaged"):
+        load_prepared(truncated)

@@ -219,7 +219,36 @@ def load_prepared(data_dir: str | os.PathLike) -> PreparedData:
     if missing:
         raise ValueError(f"{data_dir} is missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
                          "prepare the data again")
+    _verify_contents(prepared, metadata_path)
     return prepared
+
+
+def _verify_contents(prepared: PreparedData, metadata_path: Path) -> None:
+    """The folder holds what metadata.json says (cheap: the shards' array headers, one pass over
+    vocab.txt): counts that add up, each shard array of its recorded length, the vocabulary's hash."""
+    shards = prepared.shards
+    for name in ("num_documents", "num_sentences", "num_tokens"):
+        if sum(getattr(shard, name) for shard in shards) != getattr(prepared, name):
+            raise ValueError(f"{metadata_path}: {name} ({getattr(prepared, name)}) is not the sum over its shards; "
+                             "the file was edited or damaged: prepare the data again")
+    for shard in shards:
+        lengths = {"tokens": shard.num_tokens, "sentences": shard.num_sentences + 1,
+                   "documents": shard.num_documents + 1}
+        for kind, length in lengths.items():
+            path = shard_file(prepared.data_dir, shard.index, kind)
+            try:
+                shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+            except (ValueError, OSError, EOFError) as err:
+                raise ValueError(f"{path} is truncated or damaged ({err}); prepare the data again") from None
+            if shape != (length,):
+                raise ValueError(f"{path} holds {shape[0] if shape else 0} entries, metadata.json says {length}; "
+                                 "prepare the data again")
+    vocab = prepared.data_dir / "vocab.txt"
+    if vocab.is_file():
+        text = vocab.read_text(encoding="utf-8", errors="replace").removesuffix("\n")
+        if hashlib.sha256(text.encode("utf-8")).hexdigest() != prepared.vocab_sha256:
+            raise ValueError(f"{vocab} is not the vocabulary these shards were written with (its hash differs from "
+                             "metadata.json's); restore it or prepare the data again")
 
 
 def _check_positive(name: str, value: int) -> None:
