@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from fastbert import weights
+from fastbert._atomic import write_errors_as_os_errors
 from fastbert.config import BertConfig
 from fastbert.pretrain import checkpoint_files as files
 from fastbert.pretrain import distributed
@@ -155,7 +156,8 @@ class Checkpointer:
                 state = {"step": step, **updater.state_dict(), "samples_per_rank": step * self.config.samples_per_step,
                          "world_size": info.world_size, "pretrain_config": dataclasses.asdict(self.config),
                          "data": {"dir": str(self.data.data_dir), "vocab_sha256": self.data.vocab_sha256}}
-                torch.save(state, staging / files.TRAINER_STATE)
+                with write_errors_as_os_errors(staging / files.TRAINER_STATE):
+                    torch.save(state, staging / files.TRAINER_STATE)
                 files.write_manifest(staging, step)
                 files.publish(staging, self.root, step, self.config.keep)
             distributed.barrier(info)

@@ -48,7 +48,10 @@ def _plain_rng(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_rng_state(state: dict[str, Any], path: Path) -> None:
-    torch.save(_plain_rng(state), path)
+    from fastbert._atomic import write_errors_as_os_errors
+
+    with write_errors_as_os_errors(path):
+        torch.save(_plain_rng(state), path)
 
 
 def load_rng_state(path: Path) -> dict[str, Any]:
