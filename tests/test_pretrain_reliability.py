@@ -277,7 +277,7 @@ def test_resume_with_another_vocabulary_is_refused_naming_both(tmp_path, data_di
     vocab[-1], vocab[-2] = vocab[-2], vocab[-1]  # the same size, other ids
     (other / "vocab.txt").write_text("\n".join(vocab) + "\n")
     metadata = json.loads((other / "metadata.json").read_text())
-    metadata["vocab_sha256"] = hashlib.sha256((other / "vocab.txt").read_bytes()).hexdigest()
+    metadata["vocab_sha256"] = hashlib.sha256("\n".join(vocab).encode()).hexdigest()  # as prepare hashes it
     (other / "metadata.json").write_text(json.dumps(metadata))
     with pytest.raises(ValueError, match="different vocabulary") as err:
         pretrain(config(out, other, max_steps=6, resume=True))
