@@ -1,7 +1,6 @@
 """fastbert.patch_hf under real clients: every way of calling a model, every mask transformers builds, heads
 that read padding, the BERT family, sentence-transformers, pipelines, Trainer, threads, compile, DDP."""
 import copy
-import threading
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch
 import fastbert
 from fastbert import hf
 from tests.spies import count_calls
+from tests.threads import call_in_threads
 
 transformers = pytest.importorskip("transformers")
 
@@ -182,23 +182,13 @@ def test_threads_share_one_patched_model():
                ((0, (23, 1, 11, 7), 23), (1, (5, 9), 9), (2, (17, 17, 3), 17), (3, (2,), 2))]
     with torch.no_grad():
         expected = [plain(input_ids=i, attention_mask=m).last_hidden_state for i, m in batches]
-    results, errors = {}, []
 
-    def work(k):
-        try:
-            for _ in range(3):
-                i, m = batches[k]
-                with torch.no_grad():
-                    results[k] = patched.forward(input_ids=i, attention_mask=m).last_hidden_state
-        except Exception as err:  # reported below: an exception in a thread does not fail the test by itself
-            errors.append(err)
+    def forward(k):
+        i, m = batches[k]
+        with torch.no_grad():
+            return patched.forward(input_ids=i, attention_mask=m).last_hidden_state
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(batches))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = call_in_threads(forward, len(batches))
     for k, (_, m) in enumerate(batches):
         real = m.bool()
         assert close(results[k][real], expected[k][real])

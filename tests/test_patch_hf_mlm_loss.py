@@ -1,7 +1,6 @@
 """patch_hf(model, fused_mlm_loss=True) on transformers' MLM heads: transformers' loss and gradients by
 fastbert.ops.mlm_loss on the labelled rows only, logits=None under labels, exact logits without them."""
 import copy
-import threading
 import warnings
 
 import pytest
@@ -11,6 +10,7 @@ import fastbert
 from fastbert import hf
 from fastbert.hf.mlm_loss import FusedMlmDecoder, decoder_of
 from tests.spies import count_calls
+from tests.threads import call_in_threads
 from tests.test_patch_hf_clients import batch, close, make, roberta_ids
 
 transformers = pytest.importorskip("transformers")
@@ -151,22 +151,12 @@ def test_threads_each_get_their_own_loss():
     batches = [head_and_inputs(*HEADS[0], seed=seed)[1] for seed in range(4)]
     with torch.no_grad():
         expected = [plain(**inputs).loss for inputs in batches]
-    results, errors = {}, []
 
-    def work(k):
-        try:
-            for _ in range(3):
-                with torch.no_grad():
-                    results[k] = patched(**batches[k]).loss
-        except Exception as err:  # reported below: an exception in a thread does not fail the test by itself
-            errors.append(err)
+    def loss(k):
+        with torch.no_grad():
+            return patched(**batches[k]).loss
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(batches))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = call_in_threads(loss, len(batches))
     assert len({round(e.item(), 6) for e in expected}) == len(expected)  # the batches' losses differ
     for k, loss in enumerate(expected):
         assert close(results[k], loss)

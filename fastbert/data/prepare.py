@@ -33,6 +33,7 @@ from fastbert.data.tokenizer import (
     WordPieceTokenizer,
     load_wordpiece,
     train_wordpiece,
+    vocab_sha256,
 )
 
 FORMAT_NAME = "fastbert-prepared"
@@ -245,8 +246,8 @@ def _verify_contents(prepared: PreparedData, metadata_path: Path) -> None:
                                  "prepare the data again")
     vocab = prepared.data_dir / "vocab.txt"
     if vocab.is_file():
-        text = vocab.read_text(encoding="utf-8", errors="replace").removesuffix("\n")
-        if hashlib.sha256(text.encode("utf-8")).hexdigest() != prepared.vocab_sha256:
+        tokens = vocab.read_text(encoding="utf-8", errors="replace").removesuffix("\n").split("\n")
+        if vocab_sha256(tokens) != prepared.vocab_sha256:
             raise ValueError(f"{vocab} is not the vocabulary these shards were written with (its hash differs from "
                              "metadata.json's); restore it or prepare the data again")
 

@@ -34,6 +34,12 @@ DEFAULT_VOCAB_SIZE = 30522  # BERT's
 DEFAULT_MODEL_MAX_LENGTH = 512
 
 
+def vocab_sha256(tokens: Sequence[str]) -> str:
+    """The hash a prepared folder records of its vocabulary: of the tokens in id order, one per line
+    (``vocab.txt`` without its final newline)."""
+    return hashlib.sha256("\n".join(tokens).encode("utf-8")).hexdigest()
+
+
 @dataclass(frozen=True)
 class SpecialTokenIds:
     pad: int
@@ -99,7 +105,7 @@ class WordPieceTokenizer:
         return tokens
 
     def vocab_sha256(self) -> str:
-        return hashlib.sha256("\n".join(self.vocab_tokens()).encode("utf-8")).hexdigest()
+        return vocab_sha256(self.vocab_tokens())
 
     def save(self, out_dir: str | os.PathLike, *, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> list[Path]:
         """Write ``vocab.txt``, ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``.

@@ -75,12 +75,18 @@ class Slot:
 
     def locate(self, layer: nn.Module) -> tuple[nn.Module | None, str, nn.Module | None]:
         """(owner, attribute, module) of this slot in ``layer``; None where the layer has no such path."""
-        owner = layer
-        *parents, name = self.path.split(".")
-        for parent in parents:
-            owner = getattr(owner, parent, None)
-        module = getattr(owner, name, None) if owner is not None else None
-        return owner, name, module if isinstance(module, nn.Module) else None
+        return locate_path(layer, self.path)
+
+
+def locate_path(root: nn.Module, path: str) -> tuple[nn.Module | None, str, nn.Module | None]:
+    """(owner, attribute, module) of the dotted attribute ``path`` below ``root``: the module that holds the
+    last attribute, its name, and the submodule there (None where the path or the module is missing)."""
+    owner = root
+    *parents, name = path.split(".")
+    for parent in parents:
+        owner = getattr(owner, parent, None)
+    module = getattr(owner, name, None) if owner is not None else None
+    return owner, name, module if isinstance(module, nn.Module) else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,20 +53,23 @@ def wrap_head_forward(cls: type, family: Family) -> bool:
     reads_all = cls.__name__.endswith("ForQuestionAnswering")
     needs_next_sentence_label = cls.__name__ in NEEDS_NEXT_SENTENCE_LABEL
 
+    def positional(args: tuple, name: str) -> int | None:
+        """Where ``name`` sits in ``args``, if it was passed by position."""
+        index = names.index(name) if name in names else len(args)
+        return index if index < len(args) else None
+
     def argument(args: tuple, kwargs: dict, name: str) -> Any:
         if name in kwargs:
             return kwargs[name]
-        index = names.index(name) if name in names else len(args)
-        return args[index] if index < len(args) else None
+        index = positional(args, name)
+        return None if index is None else args[index]
 
     def without(args: tuple, kwargs: dict, name: str) -> tuple[tuple, dict]:
         """The call's arguments with ``name`` set to None (wherever it was passed)."""
         if name in kwargs:
             return args, {**kwargs, name: None}
-        index = names.index(name) if name in names else len(args)
-        if index < len(args):
-            args = args[:index] + (None,) + args[index + 1:]
-        return args, kwargs
+        index = positional(args, name)
+        return (args if index is None else args[:index] + (None,) + args[index + 1:]), kwargs
 
     @functools.wraps(original)
     def forward(self, *args, **kwargs):

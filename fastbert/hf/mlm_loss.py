@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastbert.hf.families import locate_path
 from fastbert.masking import IGNORE_INDEX
 
 # Where each transformers MLM head keeps its decoder Linear, and whether its loss also needs a
@@ -77,13 +78,7 @@ class FusedMlmDecoder(nn.Linear):
 def decoder_of(head: nn.Module) -> tuple[nn.Module | None, str, nn.Module | None]:
     """(owner, attribute, module) of a head's MLM decoder; (None, "", None) for a head without one."""
     path = DECODER_PATHS.get(type(head).__name__)
-    if path is None:
-        return None, "", None
-    owner = head
-    *parents, name = path.split(".")
-    for parent in parents:
-        owner = getattr(owner, parent, None)
-    return owner, name, getattr(owner, name, None)
+    return (None, "", None) if path is None else locate_path(head, path)
 
 
 def install_fused_decoder(model: nn.Module) -> str | None:

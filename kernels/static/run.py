@@ -48,13 +48,13 @@ def compile_cases(case_set_name: str, case_filter: str = "", shard: int = 0, sha
 def compile_in_subprocess(case_names: str = "default", jobs: int = 1, timeout: float = 3600,
                           case_filter: str = "") -> list[KernelStats]:
     """Run this module in ``jobs`` child processes (each a share of the cases) without the interpreter
-    and with a fresh Triton cache, so every kernel really goes through ptxas; their rows, shard by shard."""
+    (each compiles in a fresh Triton cache, see :func:`compile_cases`); their rows, shard by shard."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory(prefix="sm90-") as tmp:
         outs = [Path(tmp) / f"stats-{i}.json" for i in range(jobs)]
         children = [subprocess.Popen([sys.executable, "-m", _MODULE, "--set", case_names, "--filter", case_filter,
                                       "--shard", f"{i}/{jobs}", "--json", str(out)],
-                                     env={**env, "TRITON_CACHE_DIR": str(Path(tmp) / f"cache-{i}")},
+                                     env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                     for i, out in enumerate(outs)]
         failures = []
