@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastbert._atomic import write_errors_as_os_errors
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -48,8 +50,6 @@ def _plain_rng(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_rng_state(state: dict[str, Any], path: Path) -> None:
-    from fastbert._atomic import write_errors_as_os_errors
-
     with write_errors_as_os_errors(path):
         torch.save(_plain_rng(state), path)
 
