@@ -252,6 +252,118 @@ def test_bad_newest_checkpoint_falls_back(tmp_path, data_dir, two_checkpoints, c
     assert [r["step"] for r in rows[marker + 1:] if "loss" in r] == [3, 4, 5, 6]
 
 
+# --- round two, item 3: a checkpoint is checked by content, not only against its manifest -----------------
+def _edit_manifest_entry(value):
+    def damage(step_dir):
+        manifest = json.loads((step_dir / ckpt.MANIFEST).read_text())
+        manifest["files"]["model.safetensors"] = value
+        (step_dir / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    return damage
+
+
+def _edit_trainer_state(edit):
+    """Change trainer_state.pt, then re-hash: the manifest matches, only the content checks can refuse it."""
+    def damage(step_dir):
+        state = torch.load(step_dir / ckpt.TRAINER_STATE, weights_only=True)
+        edit(state)
+        torch.save(state, step_dir / ckpt.TRAINER_STATE)
+        ckpt.write_manifest(step_dir, 4)
+    return damage
+
+
+def _edit_rng(edit):
+    def damage(step_dir):
+        state = torch.load(step_dir / ckpt.rng_file(0), weights_only=True)
+        edit(state)
+        torch.save(state, step_dir / ckpt.rng_file(0))
+        ckpt.write_manifest(step_dir, 4)
+    return damage
+
+
+def _edit_weights(edit):
+    def damage(step_dir):
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(step_dir / "model.safetensors")
+        edit(state)
+        save_file(state, step_dir / "model.safetensors", metadata={"format": "pt"})
+        ckpt.write_manifest(step_dir, 4)
+    return damage
+
+
+def _first_param_state(state):
+    return next(iter(state["optimizer"]["state"].values()))
+
+
+def _set(mapping_of, key, value):
+    def edit(state):
+        mapping_of(state)[key] = value
+    return edit
+
+
+def _drop(mapping_of, key):
+    def edit(state):
+        del mapping_of(state)[key]
+    return edit
+
+
+def _every_float_tensor(edit):
+    def each(state):
+        for name, tensor in state.items():
+            if tensor.is_floating_point():
+                state[name] = edit(tensor)
+    return each
+
+
+_WEIGHT = "bert.encoder.layer.0.attention.self.query.weight"
+
+
+def _nan_in_one_weight(state):
+    state[_WEIGHT] = state[_WEIGHT].clone()
+    state[_WEIGHT][0, 0] = float("nan")
+
+TAMPERED = {
+    "manifest-entry-null": (_edit_manifest_entry(None), "manifest entry for model.safetensors"),
+    "manifest-entry-list": (_edit_manifest_entry([1, 2]), "manifest entry for model.safetensors"),
+    "optimizer-state-not-a-dict": (_edit_trainer_state(_set(lambda s: s["optimizer"], "state", {0: "x"})),
+                                   "optimizer state of parameter 0"),
+    "optimizer-without-exp_avg": (_edit_trainer_state(_drop(_first_param_state, "exp_avg")), "exp_avg"),
+    "optimizer-step-past-the-checkpoint": (_edit_trainer_state(_set(_first_param_state, "step", torch.tensor(99.0))),
+                                           "optimizer state step"),
+    "no-scheduler": (_edit_trainer_state(_drop(lambda s: s, "scheduler")), "lacks scheduler"),
+    "scheduler-last-epoch-1e9": (_edit_trainer_state(_set(lambda s: s["scheduler"], "last_epoch", 10**9)),
+                                 "schedule is at step 1000000000"),
+    "step-999": (_edit_trainer_state(_set(lambda s: s, "step", 999)), "says step 999"),
+    "step-5": (_edit_trainer_state(_set(lambda s: s, "step", 5)), "says step 5"),
+    "numpy-keys-short": (_edit_rng(_set(lambda s: s["numpy"], "keys", torch.zeros(10, dtype=torch.int64))),
+                         "numpy keys"),
+    "python-state-short": (_edit_rng(_set(lambda s: s["python"], "internal", torch.zeros(5, dtype=torch.int64))),
+                           "python state"),
+    "torch-rng-float": (_edit_rng(_set(lambda s: s, "torch", torch.zeros(5056, dtype=torch.float32))),
+                        "torch state"),
+    "weights-int64-zeros": (_edit_weights(_every_float_tensor(lambda t: torch.zeros(t.shape, dtype=torch.int64))),
+                            "stored as I64"),
+    "weights-fp16": (_edit_weights(_every_float_tensor(lambda t: t.half())), "stored as F16"),
+    "weights-nan": (_edit_weights(_nan_in_one_weight), f"{_WEIGHT} holds NaN"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_wrong_content_is_moved_aside_and_an_older_one_used(tmp_path, data_dir, two_checkpoints, capsys, case):  # noqa: F811
+    damage, message = TAMPERED[case]
+    out = fresh_copy(two_checkpoints, tmp_path)
+    damage(out / "checkpoints" / "step_4")
+    result = resume(out, data_dir)
+    err = capsys.readouterr().err
+    assert "step_4" in err and message in err and "resumed from" in err and "step_2" in err, err
+    assert "Traceback" not in err
+    assert (out / "checkpoints" / "step_4.corrupt").is_dir()
+    assert result.steps_done == 6
+    rows = read_metrics(out)
+    marker = rows.index({"resumed_from": 2})
+    assert [r["step"] for r in rows[marker + 1:] if "loss" in r] == [3, 4, 5, 6]
+
+
 # --- item 8: a diverging run stops -----------------------------------------------------------------------
 def test_diverging_run_stops_with_a_message_and_exports_nothing(tmp_path, data_dir, capsys, monkeypatch):  # noqa: F811
     from tests.spies import diverge_from_step

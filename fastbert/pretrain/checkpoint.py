@@ -4,7 +4,8 @@ checked on resume) and the final export ``OUT/final/``.
 
 A checkpoint is written by every rank (its RNG state) and rank 0 (the rest) into a hidden folder and
 renamed into place once complete; it is used on ``--resume`` only once every file matches its manifest
-and every tensor has the shape this run's model and optimizer have. A newer one that fails is reported
+and every field resuming reads is what this run would have written (types, shapes, dtypes, finite values,
+one step number). A newer one that fails is reported
 by name and moved aside as ``step_N.corrupt`` (never counted by ``--keep``); an older one is tried.
 Nothing diverged is saved: the updater's divergence flags and the weights are checked before each save.
 The file format itself is :mod:`fastbert.pretrain.checkpoint_files`'.
@@ -24,7 +25,8 @@ from fastbert._atomic import write_errors_as_os_errors
 from fastbert.config import BertConfig
 from fastbert.pretrain import checkpoint_files as files
 from fastbert.pretrain import distributed
-from fastbert.pretrain.checkpoint_files import CheckpointError, ExpectedShapes, LoadedCheckpoint
+from fastbert.pretrain.checkpoint_contents import CheckpointError, ExpectedContents
+from fastbert.pretrain.checkpoint_files import LoadedCheckpoint
 from fastbert.pretrain.config import PretrainConfig
 from fastbert.pretrain.distributed import log
 from fastbert.pretrain.rng import load_rng_state, save_rng_state, set_rng_state
@@ -84,14 +86,15 @@ class Checkpointer:
                                  "use another --out or the same --model")
 
     # --- resume ---------------------------------------------------------------------------------------
-    def find_resume_point(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> LoadedCheckpoint | None:
-        """Under --resume, the newest checkpoint that verifies against ``model`` and ``optimizer`` (None:
-        start fresh); the newer corrupt ones are moved aside. Every rank chooses the same one."""
+    def find_resume_point(self, model: torch.nn.Module, updater: Updater) -> LoadedCheckpoint | None:
+        """Under --resume, the newest checkpoint that verifies against ``model`` and the updater's optimizer
+        and schedule, freshly built (None: start fresh); the newer corrupt ones are moved aside. Every rank
+        chooses the same one."""
         if not self.config.resume:
             return None
         corrupt: list[Path] = []
         resumed = files.latest_valid(self.root, lambda message: log(self.info, f"warning: {message}"),
-                                     ExpectedShapes.of(model, optimizer), corrupt)
+                                     ExpectedContents.of(model, updater.optimizer, updater.scheduler), corrupt)
         if resumed is None:
             if files.step_dirs(self.root):
                 raise CheckpointError(f"no valid checkpoint under {self.root}: all are corrupt")

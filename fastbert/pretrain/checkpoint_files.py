@@ -6,7 +6,8 @@ state (optimizer, scheduler, scaler, data position) + each rank's RNG states + `
 and SHA-256 of every other file, written last). A checkpoint is staged in a hidden folder and renamed
 into place once complete. Reading runs no code: the trainer state and RNG files hold only tensors,
 numbers, strings, lists and dicts and are read with ``torch.load(weights_only=True)``. A checkpoint
-verifies when every file matches the manifest and every tensor has the shape the model implies.
+verifies when every file matches the manifest and every field resuming reads is what this run would
+have written (:mod:`~fastbert.pretrain.checkpoint_contents`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from typing import Any, Callable
 import torch
 
 from fastbert._hashing import file_sha256
+from fastbert.pretrain.checkpoint_contents import (CheckpointError, ExpectedContents, check_model_tensors,
+                                                   check_trainer_state, is_int)
 from fastbert.pretrain.rng import load_rng_state
 
 TRAINER_STATE = "trainer_state.pt"
@@ -29,10 +32,6 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _REQUIRED = ("config.json", "model.safetensors", TRAINER_STATE)
-
-
-class CheckpointError(ValueError):
-    """No usable checkpoint: the message names what is wrong."""
 
 
 def rng_file(rank: int) -> str:
@@ -101,24 +100,6 @@ def move_aside(path: Path) -> Path:
 
 
 # --- verification ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ExpectedShapes:
-    """What a checkpoint of this run must hold: the saved tensors' shapes by name, and the optimizer's
-    per-parameter state shapes by the optimizer's parameter index."""
-
-    model: dict[str, tuple[int, ...]]
-    optimizer: dict[int, tuple[int, ...]]
-
-    @classmethod
-    def of(cls, model, optimizer: torch.optim.Optimizer) -> ExpectedShapes:
-        """The shapes a checkpoint of ``model`` (tied parameters are saved once) and ``optimizer`` holds."""
-        tied = set(model._tied_keys_now())
-        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
-        indices = [i for group in optimizer.state_dict()["param_groups"] for i in group["params"]]
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        return cls(model=shapes, optimizer={i: tuple(p.shape) for i, p in zip(indices, params)})
-
-
 @dataclass
 class LoadedCheckpoint:
     path: Path
@@ -130,7 +111,7 @@ def _check_manifest(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
         files = manifest["files"]
-        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
             raise ValueError("unknown format")
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} is incomplete: {MANIFEST} is missing "
@@ -144,80 +125,46 @@ def _check_manifest(path: Path) -> dict[str, Any]:
         file = path / name
         if Path(name).name != name:
             raise CheckpointError(f"checkpoint {path} is corrupt: its manifest names {name!r}")
+        if not isinstance(entry, dict) or not is_int(entry.get("bytes")) or not isinstance(entry.get("sha256"), str):
+            raise CheckpointError(f"checkpoint {path} is corrupt: its manifest entry for {name} is {entry!r}, "
+                                  "not {bytes, sha256}")
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
-        if file.stat().st_size != entry.get("bytes"):
+        if file.stat().st_size != entry["bytes"]:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} has {file.stat().st_size} bytes, "
-                                  f"{entry.get('bytes')} were written")
-        if file_sha256(file) != entry.get("sha256"):
+                                  f"{entry['bytes']} were written")
+        if file_sha256(file) != entry["sha256"]:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its checksum")
-    return files
+    return manifest
 
 
-def _check_model_shapes(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
-            saved = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-    except Exception as err:  # safetensors raises its own error types for a malformed header
-        raise CheckpointError(f"checkpoint {path} is corrupt: model.safetensors unreadable "
-                              f"({type(err).__name__})") from None
-    missing = sorted(set(expected) - set(saved))
-    if missing:
-        raise CheckpointError(f"checkpoint {path} does not fit the model: model.safetensors lacks {missing[0]}"
-                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    for name, shape in saved.items():
-        if name not in expected:
-            raise CheckpointError(f"checkpoint {path} does not fit the model: unexpected tensor {name}")
-        if shape != expected[name]:
-            raise CheckpointError(f"checkpoint {path} does not fit the model: {name} has shape {list(shape)}, "
-                                  f"the config gives {list(expected[name])}")
-
-
-def _check_optimizer_shapes(path: Path, optimizer_state: Any, expected: dict[int, tuple[int, ...]]) -> None:
-    try:
-        indices = [i for group in optimizer_state["param_groups"] for i in group["params"]]
-        per_param = optimizer_state["state"]
-    except (KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {path} is corrupt: {TRAINER_STATE} holds no optimizer state") from None
-    if sorted(indices) != sorted(expected):
-        raise CheckpointError(f"checkpoint {path} does not fit the model: its optimizer has {len(indices)} "
-                              f"parameters, the model {len(expected)}")
-    for index, entries in per_param.items():
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != expected.get(index):
-                raise CheckpointError(f"checkpoint {path} does not fit the model: optimizer state {key} of "
-                                      f"parameter {index} has shape {list(value.shape)}, the parameter "
-                                      f"{list(expected.get(index, ()))}")
-
-
-def load_trainer_state(path: Path, expected: ExpectedShapes | None = None) -> dict[str, Any]:
-    """Verify one checkpoint folder and read its trainer state; CheckpointError says what is wrong."""
-    files = _check_manifest(path)
+def load_trainer_state(path: Path, expected: ExpectedContents | None = None) -> dict[str, Any]:
+    """Verify one checkpoint folder (its files against the manifest, then their contents against this
+    run: :mod:`~fastbert.pretrain.checkpoint_contents`) and read its trainer state; CheckpointError says
+    what is wrong. ``expected=None`` checks the files and the fields' types only."""
+    manifest = _check_manifest(path)
+    files = manifest["files"]
     try:
         state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
     except Exception as err:  # the unpickler refuses anything but plain data, with its own error types
         raise CheckpointError(f"checkpoint {path} is corrupt or unsafe: cannot read {TRAINER_STATE} "
                               f"({type(err).__name__})") from None
-    if not isinstance(state, dict) or not {"step", "optimizer", "world_size"} <= set(state):
-        raise CheckpointError(f"checkpoint {path} is corrupt: {TRAINER_STATE} lacks step/optimizer/world_size")
-    world_size = state["world_size"]
-    for rank in range(world_size if isinstance(world_size, int) else 0):
+    check_trainer_state(path, state, manifest.get("step"), expected)
+    for rank in range(state["world_size"]):
         if rng_file(rank) not in files:
             raise CheckpointError(f"checkpoint {path} is incomplete: {rng_file(rank)} is missing")
         try:
             load_rng_state(path / rng_file(rank))
         except Exception as err:  # refused by the safe unpickler, or not the layout save_rng_state writes
+            detail = str(err) if isinstance(err, ValueError) else type(err).__name__
             raise CheckpointError(f"checkpoint {path} is corrupt or unsafe: cannot read {rng_file(rank)} "
-                                  f"({type(err).__name__})") from None
+                                  f"({detail})") from None
     if expected is not None:
-        _check_model_shapes(path, expected.model)
-        _check_optimizer_shapes(path, state["optimizer"], expected.optimizer)
+        check_model_tensors(path, expected.model)
     return state
 
 
-def latest_valid(checkpoint_root: Path, warn: Callable[[str], None], expected: ExpectedShapes | None = None,
+def latest_valid(checkpoint_root: Path, warn: Callable[[str], None], expected: ExpectedContents | None = None,
                  corrupt: list[Path] | None = None) -> LoadedCheckpoint | None:
     """The newest checkpoint that verifies; each bad newer one is reported through ``warn`` by name (and
     appended to ``corrupt``, for the caller to move aside)."""

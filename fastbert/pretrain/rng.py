@@ -6,6 +6,7 @@ CPU and CUDA generators (dropout, masking done on the device).
 """
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,54 @@ def save_rng_state(state: dict[str, Any], path: Path) -> None:
         torch.save(_plain_rng(state), path)
 
 
+_MT_WORDS = 624  # the Mersenne Twister's state: 624 32-bit words and a position
+
+
+def _words(value: Any, count: int, field: str) -> torch.Tensor:
+    """``value`` is ``count`` integers in [0, 2³²) (a Mersenne Twister's words), else ValueError."""
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.int64 or tuple(value.shape) != (count,):
+        raise ValueError(f"{field} is not {count} int64 words")
+    if count and not bool(((value >= 0) & (value < 2**32)).all()):
+        raise ValueError(f"{field} holds a value outside [0, 2**32)")
+    return value
+
+
+def _plain_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_plain_rng(plain: Any) -> None:
+    """The file holds what :func:`_plain_rng` writes, every field in range: a ValueError naming the field
+    otherwise (set_state would raise IndexError or crash on a word count it does not expect)."""
+    if not isinstance(plain, dict) or not {"python", "numpy", "torch"} <= set(plain):
+        raise ValueError("it lacks the python/numpy/torch states")
+    py, npy = plain["python"], plain["numpy"]
+    if not isinstance(py, dict) or py.get("version") != 3 or not (py.get("gauss") is None or isinstance(py["gauss"], float)):
+        raise ValueError("its python state is not version 3 with a float or None gauss")
+    internal = _words(py.get("internal"), _MT_WORDS + 1, "its python state")
+    if not 0 <= int(internal[-1]) <= _MT_WORDS:  # the position, stored as the last word
+        raise ValueError(f"its python state's position {int(internal[-1])} is outside 0..{_MT_WORDS}")
+    if not isinstance(npy, dict) or npy.get("name") != "MT19937":
+        raise ValueError("its numpy state is not an MT19937 state")
+    _words(npy.get("keys"), _MT_WORDS, "its numpy keys")
+    cached = npy.get("cached_gaussian")
+    if (not _plain_int(npy.get("pos")) or not 0 <= npy["pos"] <= _MT_WORDS or npy.get("has_gauss") not in (0, 1)
+            or not isinstance(cached, float) or not math.isfinite(cached)):
+        raise ValueError("its numpy position, has_gauss or cached_gaussian is out of range")
+    fresh_bytes = torch.get_rng_state().numel()
+    for field, states in (("torch", [plain["torch"]]), ("cuda", plain.get("cuda", []))):
+        generator_states = isinstance(states, list) and all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 for t in states)
+        if not generator_states or (field == "torch" and states[0].numel() != fresh_bytes):
+            raise ValueError(f"its {field} state is not a generator state (1-D uint8"
+                             + (f", {fresh_bytes} bytes)" if field == "torch" else ")"))
+
+
 def load_rng_state(path: Path) -> dict[str, Any]:
-    """Read a file written by :func:`save_rng_state` back into the form :func:`set_rng_state` takes."""
+    """Read a file written by :func:`save_rng_state` back into the form :func:`set_rng_state` takes; a
+    ValueError naming the field when it holds anything else."""
     plain = torch.load(path, map_location="cpu", weights_only=True)
+    _check_plain_rng(plain)
     py, npy = plain["python"], plain["numpy"]
     state = {"python": (py["version"], tuple(int(x) for x in py["internal"].tolist()), py["gauss"]),
              "numpy": (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],

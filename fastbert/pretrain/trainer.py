@@ -186,7 +186,7 @@ def _set_up(config: PretrainConfig, info: distributed.DistInfo, out: Path, stop:
     scheduler = build_scheduler(optimizer, warmup=warmup_steps(config.warmup, config.max_steps),
                                 max_steps=config.max_steps, schedule=config.schedule)
     updater = Updater(model.parameters(), optimizer, scheduler, precision, clip=config.clip)
-    resumed = checkpointer.find_resume_point(model, optimizer)
+    resumed = checkpointer.find_resume_point(model, updater)
     checkpointer.record_run(model_config)
     if resumed is not None:
         checkpointer.restore(resumed, model, updater)

@@ -107,3 +107,11 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
+def state_keys(optimizer: torch.optim.Optimizer) -> tuple[str, ...] | None:
+    """The per-parameter state an optimizer built here keeps (what a checkpoint of it must hold);
+    None for one this module does not know."""
+    if isinstance(optimizer, Lamb):
+        return ("step", "exp_avg", "exp_avg_sq")
+    if isinstance(optimizer, torch.optim.AdamW) and not any(g.get("amsgrad") for g in optimizer.param_groups):
+        return ("step", "exp_avg", "exp_avg_sq")
+    return None
