@@ -5,8 +5,9 @@ or ``vocab.txt``, through the ``tokenizers`` package: transformers is not needed
 :class:`fastbert.BertForSequenceClassification` with the training core pre-training uses
 (:mod:`fastbert.training`: AdamW, linear warm-up and decay, gradient clipping, bf16/fp16 autocast, the
 divergence rule), reports eval accuracy after every epoch and saves a directory that transformers
-loads (config with ``id2label``, ``model.safetensors``, the tokenizer files), atomically: a failed save
-leaves the previous output as it was.
+loads (config with ``id2label``, ``model.safetensors``, the tokenizer files, and ``finetune_run.json``:
+what the run was), atomically: a failed save leaves the previous output as it was. An existing output
+is replaced only when an earlier finetune wrote it.
 
 The training loop reads nothing from the device per step: losses are summed on the device and read,
 with the divergence flags, once per epoch.
@@ -19,7 +20,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,9 @@ logger = logging.getLogger("fastbert")
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 MODEL_FILES = ("config.json", "model.safetensors")  # what save_pretrained writes
+# Written into every output: what the run was (model, data, settings, labels), and the mark that lets a
+# later finetune replace the folder. A folder without it holds someone else's model: refused.
+RUN_RECORD = "finetune_run.json"
 _JSON_LINES = (".jsonl", ".ndjson", ".json")
 
 
@@ -385,6 +389,23 @@ def evaluate(model: BertForSequenceClassification, data: Encoded, batch_size: in
 # ---------------------------------------------------------------------------------------------------
 # The job
 # ---------------------------------------------------------------------------------------------------
+def _written_by_finetune(folder: Path) -> bool:
+    try:
+        record = json.loads((folder / RUN_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("fastbert") == "finetune"
+
+
+def check_output(output: Path, saved_files: tuple[str, ...]) -> None:
+    """Refuse an ``--output`` that the save would lose something of: a file, a folder holding other files,
+    or a model that no finetune wrote (someone's ``config.json`` and weights)."""
+    check_replaceable(output, saved_files)
+    if output.is_dir() and any(output.iterdir()) and not _written_by_finetune(output):
+        raise ValueError(f"{output} holds a model that `fastbert finetune` did not write (no {RUN_RECORD}): the "
+                         "save would replace it; choose another output folder, or empty this one")
+
+
 def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     config.validate()
     model_dir = Path(config.model)
@@ -394,8 +415,8 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     if output.resolve() == model_dir.resolve():  # the export would replace the weights it starts from
         raise ValueError(f"--output {config.output} is the --model folder; choose another output folder")
     tokenizer_files = [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
-    saved_files = (*MODEL_FILES, *(path.name for path in tokenizer_files))
-    check_replaceable(output, saved_files)  # before training: the save at the end must not be refused
+    saved_files = (*MODEL_FILES, RUN_RECORD, *(path.name for path in tokenizer_files))
+    check_output(output, saved_files)  # before training: the save at the end must not be refused
     train_examples = read_examples(config.train, config.text_col, config.text_pair_col, config.label_col)
     eval_examples = read_examples(config.eval, config.text_col, config.text_pair_col, config.label_col)
     labels = label_set(train_examples)
@@ -454,13 +475,16 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     result.steps = updater.step
 
     updater.check_saveable()
-    check_replaceable(output, saved_files)
+    check_output(output, saved_files)
+    record = json.dumps({"fastbert": "finetune", "model": str(model_dir.resolve()), "labels": labels,
+                         "steps": result.steps, "config": asdict(config)}, indent=1, default=str)  # Path fields
 
     def write(folder: Path) -> None:
         from fastbert.data.tokenizer import copy_tokenizer_files
 
         model.save_pretrained(folder)
         copy_tokenizer_files(tokenizer_files, folder)
+        (folder / RUN_RECORD).write_text(record + "\n", encoding="utf-8")
 
     result.output = export_folder(output, write)
     print(f"saved to {output} (transformers: BertForSequenceClassification.from_pretrained({str(output)!r}))")

@@ -397,6 +397,28 @@ def test_output_holding_other_files_is_refused_before_training(tiny_checkpoint, 
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
+
+def test_output_holding_a_model_finetune_did_not_write_is_refused(tiny_checkpoint, tmp_path, capsys):
+    """Someone's model (config.json, weights, vocabulary: names a finetune output also has) is not replaced;
+    a finetune's own output is (a rerun), and it records what the run was."""
+    import shutil
+
+    theirs = tmp_path / "theirs"
+    shutil.copytree(tiny_checkpoint, theirs)
+    before = {p.name: p.read_bytes() for p in theirs.iterdir()}
+    config = _small_run(tiny_checkpoint, tmp_path, epochs=1)
+    err = finetune_error(capsys, "--model", config.model, "--train", config.train, "--eval", config.eval,
+                         "--text-col", "sentence", "--output", str(theirs), "--seq-len", "16")
+    assert "did not write" in err and "finetune_run.json" in err and "epoch" not in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in theirs.iterdir()} == before
+
+    first = run_finetune(config)
+    record = json.loads((first.output / "finetune_run.json").read_text())
+    assert record["labels"] == first.labels and record["steps"] == first.steps
+    assert record["model"] == str(tiny_checkpoint.resolve()) and record["config"]["epochs"] == 1
+    second = run_finetune(_small_run(tiny_checkpoint, tmp_path, epochs=2))  # its own output: replaced
+    assert json.loads((second.output / "finetune_run.json").read_text())["steps"] == second.steps > first.steps
+
 def test_a_diverging_run_stops_and_saves_nothing(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     from tests.spies import diverge_from_step
 
