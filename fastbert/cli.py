@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from fastbert import options
@@ -127,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {err.filename}" if err.filename else ""
         print(f"fastbert {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"fastbert {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        # StopNow (pretrain: a signal during set-up or a second one) carries the signal; Ctrl-C is SIGINT.
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"fastbert {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        return 128 + signum  # as shells report a process a signal ended
 
 
 if __name__ == "__main__":

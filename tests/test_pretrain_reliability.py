@@ -117,6 +117,65 @@ def test_signal_mid_step_then_resume_equals_a_straight_run(tmp_path, data_dir, m
     assert second.param_checksum == straight.param_checksum
 
 
+
+# --- round two, item 11: signals during set-up and during the exit save ---------------------------------
+def test_sigterm_during_set_up_stops_at_once(tmp_path, data_dir, monkeypatch, capsys):  # noqa: F811
+    """Set-up (data preparation on a real corpus: hours) has nothing to save: a signal stops it there."""
+    import fastbert.pretrain.trainer as trainer
+
+    real, reached = trainer.eval_batches, []
+
+    def signalled_in_set_up(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(2)  # long set-up work: a deferred signal would let it finish
+        reached.append("the rest of set-up")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "eval_batches", signalled_in_set_up)
+    argv = ["pretrain", "--data", str(data_dir), "--out", str(tmp_path / "run"), "--max-steps", "4",
+            "--batch-size", "4", "--seq-len", "32", "--num-workers", "0", "--no-progress"]
+    assert cli_main(argv) == 143
+    err = capsys.readouterr().err
+    assert "SIGTERM received during set-up" in err and "Traceback" not in err, err
+    assert reached == [] and not (tmp_path / "run" / "metrics.jsonl").exists()  # no step was trained
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handlers are gone with it
+
+
+@pytest.mark.parametrize("first_in_step, kept", [(3, [2]), (2, [])], ids=["exit-save", "periodic-save"])
+def test_second_sigterm_during_a_save_stops_at_once(tmp_path, data_dir, monkeypatch, first_in_step, kept):  # noqa: F811
+    """A first SIGTERM in step 3 (2): the step ends, then the exit (the step-2 periodic) checkpoint is written;
+    a second SIGTERM while it is written stops at once: that save is neither finished nor restarted."""
+    from fastbert.pretrain.interrupts import StopNow
+
+    real_forward, real_manifest = BertForPreTraining.forward, ckpt.write_manifest
+    calls, manifests = {"training": 0}, []
+
+    def forward_signalled(self, *args, **kwargs):
+        if self.training:
+            calls["training"] += 1
+            if calls["training"] == first_in_step:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real_forward(self, *args, **kwargs)
+
+    def manifest_signalled_in_the_save_after_the_signal(staging, step):
+        manifests.append(step)
+        if step == first_in_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_manifest(staging, step)
+
+    monkeypatch.setattr(BertForPreTraining, "forward", forward_signalled)
+    monkeypatch.setattr(ckpt, "write_manifest", manifest_signalled_in_the_save_after_the_signal)
+    out = tmp_path / "run"
+    with pytest.raises(StopNow, match="SIGTERM received again"):
+        pretrain(config(out, data_dir, max_steps=6, save_every=2))
+    monkeypatch.undo()
+    assert manifests == kept + [first_in_step]  # the interrupted save was not restarted
+    root = out / "checkpoints"
+    assert [p.name for p in root.iterdir()] == [f"step_{s}" for s in kept]  # no staging folder left
+    for step in kept:
+        assert ckpt.load_trainer_state(root / f"step_{step}")["step"] == step  # the older checkpoint is intact
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
 # --- item 5: one run per output folder; SIGTERM from the CLI -------------------------------------------
 def test_second_run_on_one_folder_is_refused_naming_the_first(tmp_path, data_dir):  # noqa: F811
     out = tmp_path / "run"

@@ -53,23 +53,33 @@ def _train(config: PretrainConfig, info: distributed.DistInfo) -> PretrainResult
         if info.is_main:
             stack.enter_context(FolderLock(out))
         stack.enter_context(backend.use(config.backend))
-        stop = stack.enter_context(StopRequests())
+        stop = stack.enter_context(StopRequests())  # a signal during set-up stops at once: StopNow
         run = _set_up(config, info, out, stop)
+        stop.defer()
         try:
-            while run.step < config.max_steps:
-                if _stop_requested(run):
-                    return _pause(run, interrupted=True)
-                output = _train_step(run)
-                if run.step % config.log_every == 0 or run.step == config.max_steps:
-                    _log_window(run, output)
-                if run.eval_batches and (run.step % config.eval_every == 0 or run.step == config.max_steps):
-                    _eval(run)
-                if run.step == config.stop_at and run.step < config.max_steps:
-                    return _pause(run, interrupted=False)  # a planned pause
-                if run.step % config.save_every == 0 and run.step < config.max_steps:
-                    _checkpoint(run)
-        except KeyboardInterrupt:
-            return _pause(run, interrupted=True)
+            pause = None  # None: ran to the end; True: a signal or Ctrl-C; False: --stop-at
+            try:
+                while run.step < config.max_steps:
+                    if _stop_requested(run):
+                        pause = True
+                        break
+                    output = _train_step(run)
+                    if run.step % config.log_every == 0 or run.step == config.max_steps:
+                        _log_window(run, output)
+                    if run.eval_batches and (run.step % config.eval_every == 0 or run.step == config.max_steps):
+                        _eval(run)
+                    if run.step == config.stop_at and run.step < config.max_steps:
+                        pause = False  # a planned pause
+                        break
+                    if run.step % config.save_every == 0 and run.step < config.max_steps:
+                        _checkpoint(run)
+            except KeyboardInterrupt:  # a second signal mid-step, or Ctrl-C where the handlers are not ours
+                if run.phase == "saving":
+                    raise  # stopped during a save: at once, not by saving again
+                pause = True
+            # Outside the except: a signal during the exit save stops at once (the save is not restarted).
+            if pause is not None:
+                return _pause(run, interrupted=pause)
         finally:
             run.metrics.close()
         return _finish(run)
@@ -116,7 +126,7 @@ class _Run:
     window: _Window
     stop: StopRequests
     result: PretrainResult
-    phase: str = "between"             # "forward" (weights untouched yet) | "update" | "between" steps
+    phase: str = "between"             # "forward" (weights untouched yet) | "update" | "between" steps | "saving"
     rng_before_step: dict[str, Any] | None = None
     stop_agreed: bool = False          # DDP: every rank has seen the stop request (agreed on log steps)
 
@@ -288,7 +298,9 @@ def _eval(run: _Run) -> None:
 # --- the ways out ----------------------------------------------------------------------------------
 def _checkpoint(run: _Run, rng: dict[str, Any] | None = None) -> None:
     """Save after this step (``rng``: the RNG state to store, by default the current one)."""
+    phase, run.phase = run.phase, "saving"  # left so when a second signal stops the save: see _train
     run.checkpointer.save(run.model, run.updater, rng if rng is not None else rng_state())
+    run.phase = phase
     run.window.start = time.perf_counter()  # save time is not training throughput
 
 
