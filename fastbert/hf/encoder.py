@@ -74,7 +74,7 @@ class FusedBertEncoder(nn.Module):
             mask = mask.to(hidden_states.device)
         if keep_padding is None:
             keep_padding = self.keeps_padding
-        unpad = self.unpad if self.unpad is not None else varlen_preferred(hidden_states, self.head_dim)
+        unpad = self.unpad if self.unpad is not None else varlen_preferred(hidden_states, self.head_dim, mask)
         # Per-layer hidden states are recorded padded (transformers hooks the layers' outputs). Under
         # torch.compile the batch stays padded: unpadding needs the lengths on the host (a graph break).
         if (mask is not None and unpad and not keep_padding and not torch.compiler.is_compiling()

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastbert import modeling, ops
@@ -68,12 +67,9 @@ class FusedBertSelfAttention(modeling.BertSelfAttention):
         """softmax(q kᵀ/√d) v over (..., hidden) tokens laid out as ``layout`` says; (..., all_head_size)."""
         names = self.child_names
         query, key, value = getattr(self, names.query), getattr(self, names.key), getattr(self, names.value)
-        # One GEMM for q, k and v; the three Linear modules (and their names) stay as they are.
-        weight = torch.cat((query.weight, key.weight, value.weight))
-        bias = torch.cat((query.bias, key.bias, value.bias))
         lead = hidden_states.shape[:-1]
-        qkv = F.linear(hidden_states, weight, bias).view(*lead, 3, self.num_attention_heads, self.attention_head_size)
-        q, k, v = qkv.unbind(dim=-3)
+        q, k, v = modeling.project_qkv(hidden_states, query, key, value, self.num_attention_heads,
+                                       self.attention_head_size)
         dropout_p = getattr(self, names.dropout).p if self.training else 0.0
         if layout.unpadded:
             context = ops.attention_varlen(q, k, v, layout.cu_seqlens, layout.max_seqlen, dropout_p)
@@ -108,7 +104,7 @@ class FusedBertOutput(_FusedAddNorm, modeling.BertOutput):
 
 
 class FusedBertIntermediate(modeling.BertIntermediate):
-    """fastbert's ``bias_gelu(x Wᵀ, b)`` on a transformers ``*Intermediate``'s dense (exact-erf GELU only)."""
+    """fastbert's ``dense_gelu(x, W, b)`` on a transformers ``*Intermediate``'s dense (exact-erf GELU only)."""
 
     def __init__(self, hf_module: nn.Module, children: IntermediateChildren | None = None):
         nn.Module.__init__(self)
@@ -118,5 +114,4 @@ class FusedBertIntermediate(modeling.BertIntermediate):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         dense = getattr(self, self.child_names.dense)
-        # The bias add is fused into the GELU: the GEMM runs without it.
-        return ops.bias_gelu(F.linear(hidden_states, dense.weight), dense.bias)
+        return ops.dense_gelu(hidden_states, dense.weight, dense.bias)
