@@ -43,6 +43,22 @@ def test_goals_report_measured_values_and_gaps():
     assert "| BERT-base seq128 step vs HF SDPA | ≥ 2 x | — | not measured in this run |" in table
 
 
+
+def test_cpu_rows_count_toward_the_cpu_goals_only():
+    cpu = "cpu (2 cores)"
+    rows = [row("model", "fastbert", "step", "bert-base-uncased B=8 L=128 full", 100.0, flops=50e12, device=cpu),
+            row("model", "hf_sdpa", "step", "bert-base-uncased B=8 L=128 full", 130.0, device=cpu),
+            row("embeddings", "st_patched", "forward_unsorted", "m N8 64%pad", 10.0, device=cpu),
+            row("embeddings", "st_sdpa", "forward_unsorted", "m N8 64%pad", 12.0, device=cpu)]
+    table = report.goals_table(rows, PEAKS)
+    assert "| CPU: pre-training step at seq 128 (bert-tiny, BERT-base) vs HF SDPA | ≥ 1 x | 1.3 x | met |" in table
+    assert "| CPU: forward on unsorted padded batches, patched vs SDPA | ≥ 1.5 x | 1.2 x | gap 0.3 x |" in table
+    assert "| BERT-base seq128 step vs HF SDPA | ≥ 2 x | — | not measured in this run |" in table  # the H200's
+    assert "| BERT-base pre-training step, seq128: MFU | ≥ 55 % | — | not measured in this run |" in table
+    gpu = report.goals_table([r.__class__(**{**r.__dict__, "device": "NVIDIA H200"}) for r in rows], PEAKS)
+    assert "| BERT-base seq128 step vs HF SDPA | ≥ 2 x | 1.3 x | gap 0.7 x |" in gpu
+    assert "| CPU: pre-training step at seq 128 (bert-tiny, BERT-base) vs HF SDPA | ≥ 1 x | — |" in gpu
+
 def test_runner_quick_cpu_smoke(tmp_path, capsys):
     assert runner_main(["--quick", "--device", "cpu", "--only", "bert_layer,model", "--out", str(tmp_path)]) == 0
     with open(tmp_path / "results.csv") as handle:
