@@ -5,6 +5,14 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    # Inductor's cache does not key its precompiled C++ header on the capability: code generated for
+    # one (vectorised) against a header built under another (`default`: no at::vec) fails to compile.
+    import getpass
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}")
 if not HAS_CUDA:
     # Must be set before triton is first imported: the kernels then run on CPU tensors.
     os.environ.setdefault("TRITON_INTERPRET", "1")
