@@ -52,7 +52,12 @@ def time_fn(fn: Callable[[], object], device: str, *, quick: bool = False, rep_m
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
-    samples.sort()
+    return _timing(samples)
+
+
+def _timing(samples: list[float]) -> Timing:
+    """Median, p20 and p80 of CPU samples (milliseconds)."""
+    samples = sorted(samples)
     q = statistics.quantiles(samples, n=5) if len(samples) >= 5 else [samples[0]] * 4
     return Timing(statistics.median(samples), q[0], q[3])
 
@@ -75,12 +80,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str, *, quick
             t0 = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - t0) * 1e3)
-    timings = {}
-    for name, ms in samples.items():
-        ms.sort()
-        q = statistics.quantiles(ms, n=5) if len(ms) >= 5 else [ms[0]] * 4
-        timings[name] = Timing(statistics.median(ms), q[0], q[3])
-    return timings
+    return {name: _timing(ms) for name, ms in samples.items()}
 
 
 def cpu_conditions() -> str:

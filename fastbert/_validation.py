@@ -1,13 +1,25 @@
 """Shared input checks: each raises an error that names the argument and what was expected."""
 from __future__ import annotations
 
+import math
 import os
+from typing import Any
 
 import torch
 
 
 class DtypeError(TypeError, ValueError):
     """A tensor has the wrong dtype. A TypeError, and a ValueError for callers that catch bad input."""
+
+
+def is_int(value: Any) -> bool:
+    """A Python int, not a bool (which is one to isinstance)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """A finite Python int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def debug_checks_enabled() -> bool:

@@ -265,21 +265,26 @@ def _attention_sdpa(q, k, v, key_padding_mask, dropout_p, scale):
     """:func:`attention` without the kernel: torch's fused SDPA (its CPU flash kernel; on a GPU its own
     kernels), the reference's numbers within rounding. Its dropout is the reference's draw for draw
     where SDPA runs its math path (the CPU with dropout): F.dropout on the probabilities."""
-    keep = None
-    if key_padding_mask is not None:
-        real = key_padding_mask != 0
-        keep = real[:, None, None, :]  # (B, 1, 1, L): True = attend
-        # As the reference: padded keys/values read as zeros, so NaN there cannot leak (SDPA adds the mask
-        # to the scores, and 0 * NaN is NaN). torch.where: one pass, half masked_fill's time. On the CPU a
-        # batch without padding (a sorted one, often) skips it: reading the mask there costs no sync (but
-        # a graph break under torch.compile).
-        if q.is_cuda or torch.compiler.is_compiling() or not bool(real.all()):
-            zero = k.new_zeros(())
-            k, v = torch.where(real[:, :, None, None], k, zero), torch.where(real[:, :, None, None], v, zero)
+    if key_padding_mask is None:
+        return _sdpa(q, k, v, None, dropout_p, scale)
+    real = key_padding_mask != 0
+    # As the reference: padded keys/values read as zeros, so NaN there cannot leak (SDPA adds the mask
+    # to the scores, and 0 * NaN is NaN). torch.where: one pass, half masked_fill's time. On the CPU a
+    # batch without padding (a sorted one, often) skips it: reading the mask there costs no sync (but
+    # a graph break under torch.compile).
+    if q.is_cuda or torch.compiler.is_compiling() or not bool(real.all()):
+        zero, where = k.new_zeros(()), real[:, :, None, None]
+        k, v = torch.where(where, k, zero), torch.where(where, v, zero)
+    return _sdpa(q, k, v, real, dropout_p, scale)
+
+
+def _sdpa(q, k, v, real, dropout_p, scale):
+    """SDPA on (B, L, H, D) inputs whose padded keys and values (``real`` False, (B, L) bool) are zeros."""
+    keep = real[:, None, None, :] if real is not None else None  # (B, 1, 1, L): True = attend
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep,
                                          dropout_p=dropout_p, scale=scale).transpose(1, 2)
-    if keep is not None and (q.is_cuda or not _SDPA_CPU_ZEROES_KEYLESS_ROWS):  # GPU kernels: not asked
-        out = out.masked_fill(~keep[:, 0, 0, :].any(-1)[:, None, None, None], 0)
+    if real is not None and (q.is_cuda or not _SDPA_CPU_ZEROES_KEYLESS_ROWS):  # GPU kernels: not asked
+        out = out.masked_fill(~real.any(-1)[:, None, None, None], 0)
     return out
 
 
@@ -313,7 +318,8 @@ def attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, s
 
 
 def _attention_varlen_sdpa(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale):
-    return _on_padded_grid(_attention_sdpa, q, k, v, cu_seqlens, max_seqlen, dropout_p, scale)
+    # The grid's padding is zeros by construction: straight to SDPA, no second zeroing pass.
+    return _on_padded_grid(_sdpa, q, k, v, cu_seqlens, max_seqlen, dropout_p, scale)
 
 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,

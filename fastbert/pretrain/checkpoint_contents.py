@@ -17,13 +17,13 @@ checked where they are read (:func:`fastbert.pretrain.rng.load_rng_state`).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fastbert._validation import is_finite_number, is_int
 from fastbert.training.optim import state_keys
 
 # safetensors' names for the dtypes a BERT state dict holds
@@ -35,14 +35,6 @@ MAX_WORLD_SIZE = 1 << 20
 
 class CheckpointError(ValueError):
     """No usable checkpoint: the message names what is wrong."""
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -186,8 +178,8 @@ def check_model_tensors(path: Path, expected: dict[str, tuple[tuple[int, ...], s
 
     try:
         with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
-            saved = {name: (tuple(handle.get_slice(name).get_shape()), handle.get_slice(name).get_dtype())
-                     for name in handle.keys()}
+            slices = {name: handle.get_slice(name) for name in handle.keys()}
+            saved = {name: (tuple(part.get_shape()), part.get_dtype()) for name, part in slices.items()}
             missing = sorted(set(expected) - set(saved))
             if missing:
                 raise misfit(f"model.safetensors lacks {missing[0]}"

@@ -23,8 +23,9 @@ from typing import Any, Callable
 import torch
 
 from fastbert._hashing import file_sha256
+from fastbert._validation import is_int
 from fastbert.pretrain.checkpoint_contents import (CheckpointError, ExpectedContents, check_model_tensors,
-                                                   check_trainer_state, is_int)
+                                                   check_trainer_state)
 from fastbert.pretrain.rng import load_rng_state
 
 TRAINER_STATE = "trainer_state.pt"

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fastbert._atomic import write_errors_as_os_errors
+from fastbert._validation import is_int
 
 
 def seed_everything(seed: int) -> None:
@@ -67,10 +68,6 @@ def _words(value: Any, count: int, field: str) -> torch.Tensor:
     return value
 
 
-def _plain_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_plain_rng(plain: Any) -> None:
     """The file holds what :func:`_plain_rng` writes, every field in range: a ValueError naming the field
     otherwise (set_state would raise IndexError or crash on a word count it does not expect)."""
@@ -86,7 +83,7 @@ def _check_plain_rng(plain: Any) -> None:
         raise ValueError("its numpy state is not an MT19937 state")
     _words(npy.get("keys"), _MT_WORDS, "its numpy keys")
     cached = npy.get("cached_gaussian")
-    if (not _plain_int(npy.get("pos")) or not 0 <= npy["pos"] <= _MT_WORDS or npy.get("has_gauss") not in (0, 1)
+    if (not is_int(npy.get("pos")) or not 0 <= npy["pos"] <= _MT_WORDS or npy.get("has_gauss") not in (0, 1)
             or not isinstance(cached, float) or not math.isfinite(cached)):
         raise ValueError("its numpy position, has_gauss or cached_gaussian is out of range")
     fresh_bytes = torch.get_rng_state().numel()
