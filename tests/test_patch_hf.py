@@ -19,7 +19,7 @@ HEADS = ["BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForSequenceC
 FUSED_OPS = ("attention", "attention_varlen", "dropout_add_layer_norm", "dense_gelu")
 
 def make_hf(cls_name="BertForSequenceClassification", attn="eager", **overrides):
-    config = transformers.BertConfig(**{**ODD, **overrides}, num_labels=3, attn_implementation=attn)
+    config = transformers.BertConfig(**{"num_labels": 3, **ODD, **overrides}, attn_implementation=attn)
     torch.manual_seed(1)
     model = getattr(transformers, cls_name)(config).eval()
     with torch.no_grad():  # HF zero-inits biases and unit-inits LayerNorm: random ones test more
@@ -258,12 +258,88 @@ def test_triton_backend_patched_matches_unpatched(unpad, triton_dispatch):
     assert all(used for _, used in triton_dispatch), triton_dispatch
 
 
+# ---- attention maps and rows without a real token ---------------------------------------------------
+# (transformers refuses config.output_attentions under sdpa itself)
+@pytest.mark.parametrize("attn,asked_by", [("eager", "call"), ("sdpa", "call"), ("eager", "config")])
+@pytest.mark.parametrize("unpad", [None, True])
+def test_output_attentions_returns_transformers_attention_maps(attn, asked_by, unpad, op_calls):
+    hf_model = make_hf("BertForSequenceClassification", attn=attn, attention_probs_dropout_prob=0.2)
+    patched = fastbert.patch_hf(copy.deepcopy(hf_model), unpad=unpad)
+    ids, mask, types = ragged_batch(ODD["vocab_size"])
+    labels = torch.arange(ids.shape[0]) % 3
+    ask = dict(output_attentions=True) if asked_by == "call" else {}
+    outputs = {}
+    for name, model in (("hf", hf_model), ("patched", patched)):
+        model.config.output_attentions = asked_by == "config"
+        model.train()  # attention dropout on: the same draw only if the same function runs
+        torch.manual_seed(3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = model(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels,
+                        output_hidden_states=True, **ask)
+        out.loss.backward()
+        outputs[name] = (out, {n: p.grad for n, p in model.named_parameters()}, caught)
+    (a, a_grads, _), (b, b_grads, caught) = outputs["hf"], outputs["patched"]
+    assert [w.filename for w in caught if "transformers' own attention" in str(w.message)] == [__file__]
+    # eager returns a map per layer; sdpa returns none, patched or not (transformers warns)
+    assert len(b.attentions) == len(a.attentions) == (ODD["num_hidden_layers"] if attn == "eager" else 0)
+    for x, y in zip(a.attentions, b.attentions):
+        assert x.shape == y.shape == (ids.shape[0], ODD["num_attention_heads"], ids.shape[1], ids.shape[1])
+        assert (x - y).abs().max() < 1e-6
+    assert (a.logits - b.logits).abs().max() < 1e-5
+    for x, y in zip(a.hidden_states, b.hidden_states):
+        assert (x - y)[mask.bool()].abs().max() < 1e-5
+    for name, grad in a_grads.items():
+        assert (grad - b_grads[name]).abs().max() <= 1e-5 * (grad.abs().max() + 1e-3), name
+    # a call that does not ask runs fused again
+    patched.config.output_attentions = False
+    before = op_calls["attention"] + op_calls["attention_varlen"]
+    with torch.no_grad():
+        patched(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    assert op_calls["attention"] + op_calls["attention_varlen"] - before == ODD["num_hidden_layers"]
+
+
+def _flat(outputs):
+    return [x for y in outputs for x in (_flat(y) if isinstance(y, (tuple, list)) else [y])]
+
+
+@pytest.mark.parametrize("cls_name", HEADS + ["BertForQuestionAnswering", "BertForMultipleChoice",
+                                              "BertForNextSentencePrediction"])
+def test_every_head_returns_the_same_tuple_with_attention_maps(cls_name):
+    # what transformers' test_model_outputs_equivalence checks, head class by head class
+    hf_model = make_hf(cls_name, num_labels=2)
+    patched = fastbert.patch_hf(copy.deepcopy(hf_model))
+    ids, mask, types = ragged_batch(ODD["vocab_size"])
+    if cls_name == "BertForMultipleChoice":
+        ids, mask, types = ids[None], mask[None], types[None]
+    ask = dict(output_attentions=True, output_hidden_states=True, return_dict=False)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = _flat(hf_model(input_ids=ids, attention_mask=mask, token_type_ids=types, **ask))
+        b = _flat(patched(input_ids=ids, attention_mask=mask, token_type_ids=types, **ask))
+    assert len(a) == len(b) == len(_flat(hf_model(input_ids=ids, return_dict=False))) + 2 * ODD["num_hidden_layers"] + 1
+    for x, y in zip(a, b):
+        assert x.shape == y.shape and (x - y).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_a_row_without_real_tokens_gets_transformers_numbers(attn):
+    # eager: every score is masked alike, softmax is uniform and the row is the mean of v; sdpa: zeros
+    hf_model = make_hf("BertModel", attn=attn)
+    patched = fastbert.patch_hf(copy.deepcopy(hf_model))
+    ids, mask, types = ragged_batch(ODD["vocab_size"])
+    mask[2] = 0
+    with torch.no_grad():
+        a = hidden_of(hf_model, ids, mask, types)
+        b = hidden_of(patched, ids, mask, types)
+    assert (a - b).abs().max() < 1e-5
+
+
 # ---- what is not supported --------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides,reason", [
     (dict(is_decoder=True), "decoder"),
     (dict(is_decoder=True, add_cross_attention=True), "cross-attention"),
     (dict(position_embedding_type="relative_key"), "relative"),
-    (dict(output_attentions=True), "output_attentions"),
 ])
 def test_unsupported_attention_is_left_in_place_with_a_warning(overrides, reason):
     model = make_hf("BertModel", **overrides)
@@ -294,8 +370,6 @@ def test_other_activation_is_left_in_place_with_a_warning():
 def test_call_time_errors_are_clear():
     model = fastbert.patch_hf(make_hf("BertModel"))
     ids, mask, types = ragged_batch(ODD["vocab_size"])
-    with pytest.raises(ValueError, match="output_attentions"):
-        model(input_ids=ids, attention_mask=mask, output_attentions=True)
     causal = torch.tril(torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool)).expand(ids.shape[0], 1, -1, -1)
     with pytest.raises(ValueError, match="bidirectional"):
         model(input_ids=ids, attention_mask=causal)

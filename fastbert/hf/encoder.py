@@ -7,6 +7,10 @@ positions) arrives as the ``fastbert_keep_padding`` keyword argument, set by :mo
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
+import threading
+import warnings
 from typing import Any
 
 import torch
@@ -62,9 +66,6 @@ class FusedBertEncoder(nn.Module):
         if encoder_hidden_states is not None or encoder_attention_mask is not None or cache is not None or use_cache:
             raise ValueError("a model patched by fastbert.patch_hf is an encoder: cross-attention and caches "
                              "are not supported")
-        if requested(kwargs, self.config, "output_attentions"):
-            raise ValueError("output_attentions=True is not supported by a model patched by fastbert.patch_hf: the "
-                             "fused attention never materialises the attention probabilities")
         for name in UNSUPPORTED_CALL_ARGUMENTS:
             if kwargs.get(name) is not None:
                 raise ValueError(f"a model patched by fastbert.patch_hf does not support {name}")
@@ -72,6 +73,8 @@ class FusedBertEncoder(nn.Module):
         mask = key_padding_mask(attention_mask, batch, seqlen)
         if mask is not None:
             mask = mask.to(hidden_states.device)
+        if requested(kwargs, self.config, "output_attentions"):
+            return self._run_as_transformers(hidden_states, attention_mask, kwargs)
         if keep_padding is None:
             keep_padding = self.keeps_padding
         unpad = self.unpad if self.unpad is not None else varlen_preferred(hidden_states, self.head_dim, mask)
@@ -87,6 +90,17 @@ class FusedBertEncoder(nn.Module):
         layout = EncoderLayout(key_padding_mask=mask)
         return self._output_class(last_hidden_state=self._run_layers(hidden_states, layout, kwargs))
 
+    def _run_as_transformers(self, hidden_states: torch.Tensor, attention_mask: Any, kwargs: dict):
+        """A call that asks for attention maps: padded, every layer's attention transformers' own on
+        transformers' mask (:meth:`FusedBertSelfAttention.attend_as_transformers`), its weights recorded
+        by transformers' output recorder."""
+        warnings.warn("output_attentions=True: this call's attention runs transformers' own attention (not fastbert's "
+                      "fused kernel) so that it can return the attention weights; the other fused layers still run",
+                      UserWarning, stacklevel=_callers_stacklevel())
+        _record_attention_weights(self.layer)
+        kwargs["output_attentions"] = True  # also when only the config asks: the layers' attention reads it
+        return self._output_class(last_hidden_state=self._run_layers(hidden_states, attention_mask, kwargs))
+
     def _run_unpadded(self, hidden_states: torch.Tensor, mask: torch.Tensor, kwargs: dict):
         batch, seqlen = mask.shape
         tokens, indices, cu_seqlens, max_seqlen = ops.unpad_input(hidden_states, mask)
@@ -97,8 +111,45 @@ class FusedBertEncoder(nn.Module):
         tokens = self._run_layers(tokens.unsqueeze(0), layout, kwargs)
         return self._output_class(last_hidden_state=ops.pad_input(tokens[0], indices, batch, seqlen))
 
-    def _run_layers(self, hidden_states: torch.Tensor, layout: EncoderLayout, kwargs: dict) -> torch.Tensor:
+    def _run_layers(self, hidden_states: torch.Tensor, layout: Any, kwargs: dict) -> torch.Tensor:
         for layer in self.layer:
             # positional as transformers passes them, so gradient checkpointing sees the same call
             hidden_states = layer(hidden_states, layout, None, **kwargs)
         return hidden_states
+
+
+def _callers_stacklevel() -> int:
+    """warnings' stacklevel of the first frame outside fastbert, torch and transformers (the call in the
+    user's code: its depth depends on the head and transformers' wrappers), so the warning names that
+    line and Python's default filter shows it once per line."""
+    import transformers
+
+    libraries = tuple(os.path.dirname(m.__file__) + os.sep for m in (sys.modules["fastbert"], torch, transformers))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(libraries):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_recorder_lock = threading.Lock()
+_RECORDED = "_fastbert_records_attention_weights"
+
+
+def _record_attention_weights(layers: nn.ModuleList) -> None:
+    """Give each fused self-attention transformers' own output recorder for "attentions" (index 1 of the
+    module's output), as transformers gives its attention classes, which the fused module is not an
+    instance of. Installed by the first call that asks for attention maps; the others run hook-free."""
+    from transformers.utils import output_capturing
+
+    install = getattr(output_capturing, "install_output_capuring_hook", None) or getattr(
+        output_capturing, "install_output_capturing_hook", None)
+    if install is None:
+        raise ValueError("output_attentions=True: this transformers has no output recorder that fastbert knows; "
+                         "call the unpatched model for attention maps")
+    from fastbert.hf.fused import FusedBertSelfAttention
+
+    with _recorder_lock:
+        for module in layers.modules():
+            if isinstance(module, FusedBertSelfAttention) and not getattr(module, _RECORDED, False):
+                install(module, "attentions", 1)
+                setattr(module, _RECORDED, True)

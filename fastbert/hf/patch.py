@@ -48,8 +48,6 @@ def _attention_blockers(base: nn.Module, family: Family) -> list[str]:
     position_type = getattr(config, "position_embedding_type", "absolute")
     if position_type not in (None, "absolute"):
         reasons.append(f"position_embedding_type={position_type!r} (relative positions inside attention)")
-    if getattr(config, "output_attentions", False):
-        reasons.append("config.output_attentions=True (the fused attention returns no attention probabilities)")
     encoder = base.encoder
     if not isinstance(encoder, FusedBertEncoder) and not is_hf(encoder, family.cls("Encoder")):
         reasons.append(f"the encoder is a {type(encoder).__name__}, not transformers' {family.prefix}Encoder")
@@ -171,9 +169,10 @@ def patch_hf(model: nn.Module, attention: bool = True, layer_norm: bool = True, 
     parameter names, same tensors (no copies), same state_dict, so optimizers, checkpoints and
     ``save_pretrained`` are unaffected. A transformers head class gets a class-level ``forward`` wrapper
     (unpatched models of that class run the original unchanged). A part that cannot be fused exactly
-    (decoder or cross-attention use, relative position embeddings, ``output_attentions``, another
-    activation) is left in place with a warning. At call time the patched model rejects
-    ``output_attentions=True``, ``head_mask`` and 4-D masks that are not padding masks. Patching twice
+    (decoder or cross-attention use, relative position embeddings, another activation) is left in
+    place with a warning. A call with ``output_attentions=True`` runs padded with transformers' own
+    attention function in every layer (with a warning) and returns transformers' attention maps. At call
+    time the patched model rejects ``head_mask`` and 4-D masks that are not padding masks. Patching twice
     is harmless (the second call may change ``unpad``).
     """
     if not isinstance(model, nn.Module):
