@@ -109,13 +109,15 @@ def test_choices_have_one_source():
 
 def test_pretrain_flags_keep_their_names_and_defaults():
     """The flags (and their defaults) the command had before they were derived from the dataclass."""
-    defaults = {"model": "bert-tiny", "corpus": None, "data": None, "out": "runs/pretrain", "max_steps": 1000,
-                "batch_size": 32, "grad_accum": 1, "seq_len": 128, "lr": None, "warmup": 0.06, "schedule": "linear",
-                "optimizer": "lamb", "weight_decay": 0.01, "clip": 1.0, "precision": "auto", "seed": 0,
-                "log_every": 10, "save_every": 200, "keep": 3, "eval_every": 250, "eval_batches": 80,
+    # issue 26 changed the recipe: MLM-only, seq 32 x batch 128, AdamW (2e-3 by default), 5 % warmup,
+    # 20 eval batches of 128; and added --objective, --mlm-probability, --init-range and --dropout.
+    defaults = {"model": "bert-tiny", "corpus": None, "data": None, "out": "runs/pretrain", "objective": "mlm",
+                "max_steps": 1000, "batch_size": 128, "grad_accum": 1, "seq_len": 32, "lr": None, "warmup": 0.05,
+                "schedule": "linear", "optimizer": "adamw", "weight_decay": 0.01, "clip": 1.0, "precision": "auto",
+                "seed": 0, "log_every": 10, "save_every": 200, "keep": 3, "eval_every": 250, "eval_batches": 20,
                 "eval_fraction": 0.05, "resume": False, "stop_at": None, "whole_word_mask": False, "packing": False,
                 "compile": False, "backend": "auto", "device": "auto", "num_workers": 2, "vocab_size": 8192,
-                "tokenizer": None, "progress": True}
+                "tokenizer": None, "mlm_probability": 0.15, "init_range": None, "dropout": None, "progress": True}
     actions = _actions("pretrain")
     flags = {a.option_strings[0]: a.dest for a in actions.values() if a.option_strings and a.dest != "help"}
     assert set(flags.values()) == set(defaults)

@@ -181,7 +181,8 @@ def test_second_run_on_one_folder_is_refused_naming_the_first(tmp_path, data_dir
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "fastbert.cli", "pretrain", "--data", str(data_dir), "--out", str(out),
             "--max-steps", "100000", "--batch-size", "4", "--seq-len", "32", "--log-every", "1",
-            "--save-every", "100000", "--eval-batches", "0", "--num-workers", "0", "--no-progress"]
+            "--save-every", "100000", "--eval-batches", "0", "--num-workers", "0", "--no-progress",
+            "--objective", "mlm+nsp", "--dropout", "0.1", "--optimizer", "lamb"]  # as tests.test_pretrain.config
     first = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300

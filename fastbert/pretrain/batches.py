@@ -20,17 +20,50 @@ MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "next_s
 
 
 def load_data(config: PretrainConfig, out: Path, info: distributed.DistInfo):
-    """The prepared data: ``--data`` as it is, or ``--corpus`` prepared (or reused) in ``OUT/data``."""
+    """The prepared data: ``--data`` as it is, or ``--corpus`` prepared (or reused) in ``OUT/data``.
+
+    Continued pre-training (``--model`` a checkpoint folder) reads the text with the model's own
+    tokenizer: its embeddings belong to that vocabulary, so a ``--tokenizer`` or ``--data`` with
+    another one is refused, and none is trained."""
     from fastbert.data.corpus import BUILTIN
     from fastbert.data.prepare import load_prepared, prepare_corpus
 
+    model_vocab = _model_vocabulary(config)
     if config.data:
-        return load_prepared(config.data)
+        data = load_prepared(config.data)
+        if model_vocab is not None and data.vocab_sha256 != model_vocab:
+            raise ValueError(f"--data {config.data} was tokenized with another vocabulary than --model {config.model}'s "
+                             "own: its ids would stand for other words in the model's embeddings. Prepare the corpus "
+                             f"with the model's tokenizer (fastbert prepare --tokenizer {config.model}) or pass --corpus")
+        return data
     data_dir = out / "data"
+    tokenizer = config.tokenizer if config.tokenizer is not None or model_vocab is None else config.model
     if info.is_main:  # rank 0 prepares (or reuses); the others wait and load
-        prepare_corpus(config.corpus or [BUILTIN], data_dir, tokenizer=config.tokenizer, vocab_size=config.vocab_size)
+        prepare_corpus(config.corpus or [BUILTIN], data_dir, tokenizer=tokenizer, vocab_size=config.vocab_size)
     distributed.barrier(info)
     return load_prepared(data_dir)
+
+
+def _model_vocabulary(config: PretrainConfig) -> str | None:
+    """The vocabulary (its sha256) of a ``--model`` checkpoint folder; None for a preset (a fresh model).
+    A folder without a tokenizer needs ``--tokenizer`` (trusted to be the model's); one whose vocabulary
+    differs from ``--tokenizer``'s is refused."""
+    from fastbert.data.tokenizer import load_wordpiece
+
+    folder = Path(config.model)
+    if not folder.is_dir():
+        return None
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+        if config.tokenizer is None and config.data is None:
+            raise ValueError(f"--model {folder} holds no tokenizer (tokenizer.json or vocab.txt): pass --tokenizer with "
+                             "the vocabulary its embeddings were trained on (a new one would give every id another "
+                             "meaning)")
+        return None
+    vocabulary = load_wordpiece(folder).vocab_sha256()
+    if config.tokenizer is not None and load_wordpiece(config.tokenizer).vocab_sha256() != vocabulary:
+        raise ValueError(f"--tokenizer {config.tokenizer} has another vocabulary than --model {folder}'s own: the "
+                         "model's embeddings belong to its vocabulary. Leave --tokenizer out to use the model's")
+    return vocabulary
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -82,12 +115,15 @@ class _SeededCollate:
         return self.collator([example for _, example in items], seed=batch_seed)
 
 
-def train_batches(config: PretrainConfig, data, info: distributed.DistInfo, step: int) -> tuple[Any, Iterator]:
-    """(the training pairs, an iterator over this rank's collated CPU batches from the sample after ``step``)."""
+def train_batches(config: PretrainConfig, data, info: distributed.DistInfo, step: int,
+                  random_next_prob: float) -> tuple[Any, Iterator]:
+    """(the training pairs, an iterator over this rank's collated CPU batches from the sample after ``step``).
+    ``random_next_prob``: the objective's share of pairs whose segment B is another document's."""
     from fastbert.data.pairs import BertPairDataset, PretrainSampler
 
     train_set = BertPairDataset(data.data_dir, config.seq_len, short_seq_prob=config.short_seq_prob,
-                                seed=config.seed, split="train", eval_fraction=config.eval_fraction)
+                                random_next_prob=random_next_prob, seed=config.seed, split="train",
+                                eval_fraction=config.eval_fraction)
     collate = _SeededCollate(_collator(config, data, info.device), config.seed)
     sampler = PretrainSampler(len(train_set), seed=config.seed, rank=info.rank, world_size=info.world_size,
                               start_index=step * config.samples_per_step)
@@ -102,7 +138,7 @@ def train_batches(config: PretrainConfig, data, info: distributed.DistInfo, step
     return train_set, iter(loader)
 
 
-def eval_batches(config: PretrainConfig, data, device: torch.device) -> list[dict]:
+def eval_batches(config: PretrainConfig, data, device: torch.device, random_next_prob: float) -> list[dict]:
     """The held-out batches, collated once (fixed masks, so evals along the run are comparable).
 
     ``eval_batches * batch_size`` pairs. When the held-out documents hold fewer, further passes over
@@ -116,7 +152,8 @@ def eval_batches(config: PretrainConfig, data, device: torch.device) -> list[dic
     pairs = []
     for repeat in range(wanted):  # bounded: every pass adds at least one pair
         eval_set = BertPairDataset(data.data_dir, config.seq_len, short_seq_prob=config.short_seq_prob,
-                                   seed=config.seed + 7_919 * repeat, split="eval", eval_fraction=config.eval_fraction)
+                                   random_next_prob=random_next_prob, seed=config.seed + 7_919 * repeat, split="eval",
+                                   eval_fraction=config.eval_fraction)
         pairs += [eval_set[i] for i in range(min(len(eval_set), wanted - len(pairs)))]
         if len(pairs) == wanted:
             break

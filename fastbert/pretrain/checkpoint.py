@@ -34,6 +34,8 @@ from fastbert.training.export import export_folder, remove_stale_staging
 from fastbert.training.update import Updater
 
 RUN_CONFIG = "run_config.json"
+# In OUT/final beside the model: how it was pre-trained (the objective, the heads it left untrained).
+PRETRAINING_RECORD = "pretraining.json"
 
 
 def _saved_model_config(path: Path) -> dict:
@@ -174,12 +176,15 @@ class Checkpointer:
         self.saved_step = step
 
     # --- the end --------------------------------------------------------------------------------------
-    def export_final(self, model: torch.nn.Module) -> Path:
-        """Model + tokenizer in ``OUT/final`` (rank 0, after the last save): what transformers loads."""
+    def export_final(self, model: torch.nn.Module, record: dict[str, Any]) -> Path:
+        """Model + tokenizer in ``OUT/final`` (rank 0, after the last save): what transformers loads; and
+        ``record`` (how it was trained) as ``pretraining.json``."""
+        from fastbert._atomic import atomic_write_text
         from fastbert.data.tokenizer import copy_tokenizer_files
 
         def write(folder: Path) -> None:
             model.save_pretrained(folder)
+            atomic_write_text(folder / PRETRAINING_RECORD, json.dumps(record, indent=2) + "\n")
             # Full paths (relative to the working directory if the output is); an old tokenizer.json gets [CLS]/[SEP].
             copy_tokenizer_files(self.data.tokenizer_files, folder)
 

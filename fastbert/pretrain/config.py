@@ -11,9 +11,10 @@ from fastbert.options import MAX_LR, MAX_SEED, check_options, option
 from fastbert.training.optim import OPTIMIZERS
 from fastbert.training.schedule import SCHEDULES
 
-# The tuned default peak lr per optimizer: 2e-2 for LAMB was measured best for bert-tiny at batch 32
-# (docs/pretrain_sweep.md); large models and batches want their own.
-DEFAULT_LR = {"lamb": 2e-2, "adamw": 5e-4}
+# The tuned default peak lr per optimizer, for bert-tiny (docs/pretrain_sweep.md): AdamW 2e-3 at 4,096
+# tokens a step (the default recipe), LAMB 2e-2 at batch 32 x 128; large models and batches want their own.
+DEFAULT_LR = {"lamb": 2e-2, "adamw": 2e-3}
+OBJECTIVE_NAMES = ("mlm", "mlm+nsp")
 
 
 # Each eval batch is collated once and kept: 10 k batches of 32 pairs is already far past a useful eval.
@@ -27,15 +28,18 @@ class PretrainConfig:
         None, help="text/.jsonl files or dirs, a datasets dir, or 'builtin' (default); prepared into OUT/data")
     data: str | None = option(None, help="a data dir made by `fastbert prepare` (instead of --corpus)")
     out: str = option("runs/pretrain", help="output dir: data/, checkpoints/, metrics.jsonl, final/")
+    objective: str = option("mlm", choices=OBJECTIVE_NAMES,
+                            help="mlm: masked-LM on contiguous text (RoBERTa, MosaicBERT, ModernBERT); mlm+nsp: "
+                                 "BERT's, with next-sentence prediction. Both export a BertForPreTraining")
     max_steps: int = option(1000, help="optimizer steps of the whole run", at_least=1)
-    batch_size: int = option(32, help="sequences per device per micro-step", at_least=1)
+    batch_size: int = option(128, help="sequences per device per micro-step", at_least=1)
     grad_accum: int = option(1, help="micro-steps per optimizer step (gradient accumulation)", at_least=1)
-    seq_len: int = option(128, help="tokens per training pair", at_least=8)
-    lr: float | None = option(None, above=0, at_most=MAX_LR, help="peak learning rate (default 2e-2 LAMB: tuned for bert-tiny at "
-                                                  "batch 32; 5e-4 AdamW)")
-    warmup: float = option(0.06, help="< 1: fraction of max steps; >= 1: steps", at_least=0)
+    seq_len: int = option(32, help="tokens per training pair", at_least=8)
+    lr: float | None = option(None, above=0, at_most=MAX_LR, help="peak learning rate (default: 2e-3 AdamW, 2e-2 "
+                                                                  "LAMB, tuned for bert-tiny)")
+    warmup: float = option(0.05, help="< 1: fraction of max steps; >= 1: steps", at_least=0)
     schedule: str = option("linear", help="decay to zero after the warmup", choices=SCHEDULES)
-    optimizer: str = option("lamb", help="LAMB (FusedLAMB semantics) or AdamW", choices=OPTIMIZERS)
+    optimizer: str = option("adamw", help="AdamW or LAMB (FusedLAMB semantics)", choices=OPTIMIZERS)
     weight_decay: float = option(0.01, help="weight decay (not on biases and LayerNorm)", at_least=0)
     clip: float = option(1.0, help="global gradient-norm clip (0: off)", at_least=0)
     precision: str = option("auto", help=PRECISION_HELP, choices=PRECISIONS)
@@ -44,8 +48,8 @@ class PretrainConfig:
     save_every: int = option(200, help="steps between checkpoints", at_least=1)
     keep: int = option(3, help="checkpoints to keep", at_least=1)
     eval_every: int = option(250, help="steps between held-out evals", at_least=1)
-    # 80 x 32 held-out pairs: the binomial standard error of NSP accuracy is <= 1 point (MLM: ~0.2).
-    eval_batches: int = option(80, help="held-out batches per eval (collated once, so memory follows)", at_least=0,
+    # 20 x 128 held-out pairs: the binomial standard error of NSP accuracy is <= 1 point (MLM: ~0.3).
+    eval_batches: int = option(20, help="held-out batches per eval (collated once, so memory follows)", at_least=0,
                                at_most=MAX_EVAL_BATCHES)
     eval_fraction: float = option(0.05, above=0, below=1,
                                   help="fraction of the documents held out for eval (spread over the corpus, "
@@ -61,7 +65,15 @@ class PretrainConfig:
     num_workers: int = option(2, help="DataLoader worker processes", at_least=0)
     vocab_size: int = option(8192, help="WordPiece size when a vocabulary is trained", at_least=1)
     tokenizer: str | None = option(None, help="vocab.txt or tokenizer.json to use instead of training one")
-    mlm_probability: float = option(0.15, help="fraction of the tokens masked", above=0, below=1, cli=False)
+    mlm_probability: float = option(0.15, above=0, below=1,
+                                    help="fraction of the tokens masked (BERT 0.15; 0.3-0.4 suit larger models)")
+    init_range: float | None = option(None, above=0, at_most=1,
+                                      help="std of a fresh model's weights (default: 1/sqrt(hidden_size), which "
+                                           "lets attention form early; BERT's is 0.02); a --model checkpoint "
+                                           "keeps its weights and initialises only missing heads with it")
+    dropout: float | None = option(None, at_least=0, below=1,
+                                   help="hidden and attention dropout (default: 0 for a fresh model, short runs "
+                                        "do not overfit; a --model checkpoint's own)")
     short_seq_prob: float = option(0.1, help="fraction of pairs cut short", at_least=0, at_most=1, cli=False)
     progress: bool = option(True, help="no progress bar")
 

@@ -145,8 +145,9 @@ def read_metrics(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
 
 
 def plot_curves(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path | None:
-    """Loss, MLM accuracy and NSP accuracy against the step (training and eval) in one PNG; None, with
-    nothing written, when matplotlib is not installed."""
+    """Loss, MLM accuracy, MLM accuracy at [MASK] inputs beside the count baselines, and NSP accuracy
+    when NSP was trained, against the step (training and eval) in one PNG; None, with nothing written,
+    when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -155,20 +156,27 @@ def plot_curves(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
     except ImportError:
         return None
     train, evals = read_metrics(metrics_path)
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    panels = (("loss", "loss", "eval_loss"), ("MLM accuracy", "mlm_accuracy_train", "mlm_accuracy"),
-              ("NSP accuracy", "nsp_accuracy_train", "nsp_accuracy"))
-    for axis, (title, train_key, eval_key) in zip(axes, panels):
+    panels = [("loss", "loss", "eval_loss", ()), ("MLM accuracy", "mlm_accuracy_train", "mlm_accuracy", ()),
+              ("MLM accuracy at [MASK] inputs", None, "mlm_accuracy_at_mask", ("unigram_at_mask", "bigram_at_mask"))]
+    if any("nsp_accuracy_train" in r or "nsp_accuracy" in r for r in train + evals):
+        panels.append(("NSP accuracy", "nsp_accuracy_train", "nsp_accuracy", ()))
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8))
+    for axis, (title, train_key, eval_key, baselines) in zip(axes, panels):
         points = [(r["step"], r[train_key]) for r in train if train_key in r]
         if points:
             axis.plot(*zip(*points), label="training (log-step batch)", alpha=0.6, linewidth=1)
         points = [(r["step"], r[eval_key]) for r in evals if eval_key in r]
         if points:
             axis.plot(*zip(*points), "o-", label="held-out eval")
+        for key, style in zip(baselines, (":", "--")):
+            values = [r[key] for r in evals if key in r]
+            if values:
+                axis.axhline(values[-1], linestyle=style, color="gray", label=key.replace("_at_mask", " baseline"))
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
     figure.tight_layout()
     png_path = Path(png_path)
     # No "Software" stamp: the same metrics give the same bytes.

@@ -5,8 +5,8 @@ saves; every rank reads a disjoint slice of the data. A run is a pure function o
 seed: ``N`` steps straight and ``N/2`` + ``--resume`` + ``N/2`` give identical losses on CPU fp32.
 
 Read top to bottom: :func:`pretrain` and its loop, the run state, the set-up, one step, the log
-window, eval, and the ways out (a pause that checkpoints, or the finish). What is BERT's objective is
-:mod:`~fastbert.pretrain.objective`'s; files on disk :mod:`~fastbert.pretrain.checkpoint`'s; the update
+window, eval, and the ways out (a pause that checkpoints, or the finish). What the objective is (MLM, or
+MLM + NSP) is :mod:`~fastbert.pretrain.objective`'s; files on disk :mod:`~fastbert.pretrain.checkpoint`'s; the update
 and its divergence rule :mod:`fastbert.training.update`'s.
 """
 from __future__ import annotations
@@ -18,20 +18,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from fastbert import backend
 from fastbert.config import BertConfig
 from fastbert.device import Precision, resolve_precision
-from fastbert.pretrain import distributed, objective
+from fastbert.pretrain import distributed
+from fastbert.pretrain.baselines import CountBaselines
 from fastbert.pretrain.batches import eval_batches, load_data, to_device, train_batches
-from fastbert.pretrain.checkpoint import Checkpointer
+from fastbert.pretrain.checkpoint import PRETRAINING_RECORD, Checkpointer
 from fastbert.pretrain.config import PretrainConfig, PretrainResult
 from fastbert.pretrain.distributed import log
 from fastbert.pretrain.flops import peak_tflops, training_flops
 from fastbert.pretrain.interrupts import StopRequests
 from fastbert._folder_lock import FolderLock
 from fastbert.pretrain.metrics import MetricsLog
+from fastbert.pretrain.objective import OBJECTIVES, Objective
 from fastbert.pretrain.rng import rng_state, seed_everything, torch_rng_state
 from fastbert.training.optim import build_optimizer
 from fastbert.training.schedule import build_scheduler, warmup_steps
@@ -114,6 +117,7 @@ class _Run:
 
     config: PretrainConfig
     info: distributed.DistInfo
+    objective: Objective
     data: Any
     model: torch.nn.Module             # the bare model: saved, evaluated, exported
     train_model: torch.nn.Module       # what the step calls: the model, under DDP and/or torch.compile
@@ -122,6 +126,7 @@ class _Run:
     checkpointer: Checkpointer
     batches: Iterator[dict]            # collated CPU batches
     eval_batches: list[dict]
+    baselines: dict[str, float]        # the count baselines on the eval's [MASK] targets (printed beside it)
     metrics: MetricsLog
     window: _Window
     stop: StopRequests
@@ -160,16 +165,27 @@ def _output_folder(config: PretrainConfig) -> Path:
 def _model_config(config: PretrainConfig, data) -> tuple[BertConfig, Path | None]:
     """The model's config, and the checkpoint folder to start from (None: a fresh model)."""
     path = Path(config.model)
+    overrides: dict[str, Any] = {}
+    if config.dropout is not None:
+        overrides.update(hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout)
     if path.is_dir():
-        model_config = BertConfig.from_pretrained(path)
+        if config.init_range is not None:  # what the heads the checkpoint lacks start from
+            overrides["initializer_range"] = config.init_range
+        model_config = BertConfig.from_pretrained(path, **overrides)
         if model_config.vocab_size < data.vocab_size:
             raise ValueError(f"the model at {path} has vocab_size {model_config.vocab_size}, smaller than the "
                              f"data's vocabulary ({data.vocab_size})")
         start = path
     else:
         # A fresh model sized for the data's vocabulary (rounded up to a multiple of 8 for tensor cores).
-        model_config = BertConfig.from_pretrained(config.model, vocab_size=int(math.ceil(data.vocab_size / 8) * 8),
-                                                  pad_token_id=data.pad_id)
+        preset = BertConfig.from_pretrained(config.model)
+        # 1/sqrt(hidden) by default: attention logits then start with a spread of ~1, so heads can form
+        # early; at BERT's 0.02 every softmax starts flat (docs/pretrain_sweep.md).
+        overrides.setdefault("hidden_dropout_prob", 0.0)
+        overrides.setdefault("attention_probs_dropout_prob", 0.0)
+        model_config = BertConfig.from_pretrained(
+            config.model, vocab_size=int(math.ceil(data.vocab_size / 8) * 8), pad_token_id=data.pad_id,
+            initializer_range=config.init_range or preset.hidden_size ** -0.5, **overrides)
         start = None
     if config.seq_len > model_config.max_position_embeddings:
         raise ValueError(f"--seq-len {config.seq_len} is above the model's max_position_embeddings "
@@ -180,6 +196,7 @@ def _model_config(config: PretrainConfig, data) -> tuple[BertConfig, Path | None
 def _set_up(config: PretrainConfig, info: distributed.DistInfo, out: Path, stop: StopRequests) -> _Run:
     """Data, model, updater, the checkpoint to resume from, the batch streams; RNG restored last."""
     device = info.device
+    objective = OBJECTIVES[config.objective]
     precision = resolve_precision(config.precision, device)
     data = load_data(config, out, info)
     model_config, start_from = _model_config(config, data)
@@ -188,9 +205,14 @@ def _set_up(config: PretrainConfig, info: distributed.DistInfo, out: Path, stop:
 
     seed_everything(config.seed + info.rank)
     if start_from is None:
-        model = objective.MODEL_CLASS(model_config)
+        model = objective.model_class(model_config)
     else:
-        model = objective.MODEL_CLASS.from_pretrained(start_from, config=model_config)
+        model, loading = objective.model_class.from_pretrained(start_from, config=model_config,
+                                                               output_loading_info=True)
+        if loading.missing_keys:  # e.g. a bare encoder: its pre-training heads start fresh
+            heads = sorted({".".join(key.split(".")[:2]) for key in loading.missing_keys})
+            log(info, f"{start_from} holds no {', '.join(heads)}: initialised fresh (std "
+                      f"{model_config.initializer_range:g}); the MLM decoder is tied to the word embeddings")
     model.to(device).train()
     optimizer = build_optimizer(model, config.optimizer, config.peak_lr, config.weight_decay)
     scheduler = build_scheduler(optimizer, warmup=warmup_steps(config.warmup, config.max_steps),
@@ -207,8 +229,9 @@ def _set_up(config: PretrainConfig, info: distributed.DistInfo, out: Path, stop:
     if config.compile:
         train_model = torch.compile(train_model)
 
-    train_set, batches = train_batches(config, data, info, updater.step)
-    held_out = eval_batches(config, data, device)
+    train_set, batches = train_batches(config, data, info, updater.step, objective.random_next_prob)
+    held_out = eval_batches(config, data, device, objective.random_next_prob)
+    baselines = _count_baselines(config, data, held_out)
     if resumed is not None:
         checkpointer.restore_rng(resumed)  # last: nothing above may shift the dropout stream
     metrics = MetricsLog(out, info.is_main, config.progress, config.max_steps, updater.step)
@@ -218,10 +241,22 @@ def _set_up(config: PretrainConfig, info: distributed.DistInfo, out: Path, stop:
     log(info, f"pre-training {config.model}: {sum(p.numel() for p in updater.params) / 1e6:.1f} M parameters, "
               f"{info.world_size} process(es) on {device}, precision {precision.name}, backend {config.backend}, "
               f"{len(train_set):,} training pairs per epoch, output {out}")
-    return _Run(config=config, info=info, data=data, model=model, train_model=train_model, precision=precision,
-                updater=updater, checkpointer=checkpointer, batches=batches, eval_batches=held_out, metrics=metrics,
+    return _Run(config=config, info=info, objective=objective, data=data, model=model, train_model=train_model, precision=precision,
+                updater=updater, checkpointer=checkpointer, batches=batches, eval_batches=held_out, baselines=baselines,
+                metrics=metrics,
                 window=_Window(model_config, peak_tflops(device)), stop=stop,
                 result=PretrainResult(out=out, final_dir=None, steps_done=updater.step))
+
+
+def _count_baselines(config: PretrainConfig, data, held_out: list[dict]) -> dict[str, float]:
+    """What counting training tokens scores on the eval's [MASK] targets (:mod:`~fastbert.pretrain.baselines`)."""
+    if not held_out:
+        return {}
+    from fastbert.data.pairs import eval_documents
+
+    train_documents = np.setdiff1d(np.arange(data.num_documents), eval_documents(data.num_documents,
+                                                                                 config.eval_fraction))
+    return CountBaselines.fit(data, train_documents).score(held_out, data.mask_id)
 
 
 # --- one optimisation step -------------------------------------------------------------------------
@@ -234,11 +269,11 @@ def _train_step(run: _Run) -> _StepOutput:
     # (Only torch's generators: the step draws from no other, and NumPy's get_state costs ~0.1 ms.)
     run.rng_before_step = torch_rng_state()
     run.phase = "forward"
-    losses = {name: torch.zeros((), device=run.device) for name in ("loss", *objective.LOSS_PARTS)}
+    losses = {name: torch.zeros((), device=run.device) for name in ("loss", *run.objective.loss_parts)}
     for micro in range(config.grad_accum):
         cpu_batch = next(run.batches)
         run.window.count(cpu_batch)
-        batch = to_device(cpu_batch, run.device)
+        batch = to_device(run.objective.model_inputs(cpu_batch), run.device)
         # DDP: all-reduce gradients only on the last micro-step of an accumulation.
         last = micro == config.grad_accum - 1
         with contextlib.nullcontext() if last or not info.distributed else run.train_model.no_sync():
@@ -251,7 +286,7 @@ def _train_step(run: _Run) -> _StepOutput:
     grad_norm = updater.update(losses["loss"])
     run.phase = "between"
     run.metrics.advance()
-    return _StepOutput(losses, grad_norm, objective.batch_accuracy(output, batch))
+    return _StepOutput(losses, grad_norm, run.objective.batch_accuracy(output, batch))
 
 
 # --- the log window --------------------------------------------------------------------------------
@@ -288,9 +323,10 @@ def _stop_requested(run: _Run) -> bool:
 
 # --- eval ------------------------------------------------------------------------------------------
 def _eval(run: _Run) -> None:
-    """The held-out eval (see :func:`objective.evaluate`), logged as its own metrics row."""
-    run.result.last_eval = objective.evaluate(run.model, run.eval_batches, run.device, run.precision.dtype,
-                                              mask_token_id=run.data.mask_id)
+    """The held-out eval (see :meth:`Objective.evaluate`) beside the count baselines, logged as its own
+    metrics row."""
+    run.result.last_eval = {**run.objective.evaluate(run.model, run.eval_batches, run.device, run.precision.dtype,
+                                                     mask_token_id=run.data.mask_id), **run.baselines}
     run.metrics.log({"step": run.step, **run.result.last_eval})
     run.window.start = time.perf_counter()  # eval time is not training throughput
 
@@ -335,10 +371,15 @@ def _finish(run: _Run) -> PretrainResult:
     _checkpoint(run)
     result = run.result
     if run.info.is_main:
-        result.final_dir = run.checkpointer.export_final(run.model)
+        record = {"objective": run.objective.name, "steps": run.step,
+                  "untrained_heads": [] if run.objective.next_sentence else ["cls.seq_relationship"]}
+        result.final_dir = run.checkpointer.export_final(run.model, record)
         log(run.info, f"done: {run.step} steps; model + tokenizer in {result.final_dir}")
+        if not run.objective.next_sentence:
+            log(run.info, "trained on masked-LM only: the next-sentence head (cls.seq_relationship) is untrained "
+                          f"(said so in {result.final_dir / PRETRAINING_RECORD})")
         if result.last_eval is not None:
-            log(run.info, objective.eval_summary(result.last_eval, run.step))
+            log(run.info, run.objective.eval_summary(result.last_eval, run.step))
         held_out = eval_documents(run.data.num_documents, run.config.eval_fraction)
         log(run.info, showcase.write_showcase(result.out, run.model, run.data, held_out,
                                               max_seq_len=run.config.seq_len, seed=run.config.seed,

@@ -38,7 +38,7 @@ def test_short_run_on_gpu(tmp_path, precision, kernel_launches):
     corpus.write_text("\n".join(lines))
     prepare_corpus([corpus], tmp_path / "data", vocab_size=120)
     result = pretrain(PretrainConfig(model="bert-mini", data=str(tmp_path / "data"), out=str(tmp_path / "out"),
-                                     max_steps=40, batch_size=32, seq_len=64, precision=precision, lr=5e-3,
+                                     max_steps=40, batch_size=32, seq_len=64, precision=precision, lr=5e-3, optimizer="lamb",
                                      log_every=5, eval_every=40, num_workers=2, progress=False, device="cuda"))
     assert result.losses[-1] < 0.8 * result.losses[0], result.losses
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
