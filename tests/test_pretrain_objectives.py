@@ -82,7 +82,9 @@ def test_init_range_and_dropout_of_a_fresh_model(tmp_path):
 
 
 def PretrainConfigLike(**fields):
-    return SimpleNamespace(**{"init_range": None, "dropout": None, "seq_len": 32, **fields})
+    from fastbert.pretrain.config import PretrainConfig
+
+    return PretrainConfig(**fields)
 
 
 # ---- the count baselines -----------------------------------------------------------------------------
@@ -154,3 +156,39 @@ def test_continued_pretraining_refuses_another_vocabulary(tmp_path, data_dir):  
         shutil.copy(minilm.get_model_path() / name, bare / name)
     with pytest.raises(ValueError, match="holds no tokenizer"):
         pretrain(mlm_config(tmp_path / "c", None, data=None, corpus=[corpus], model=str(bare)))
+
+
+# ---- sequence-length phases --------------------------------------------------------------------------
+@pytest.mark.parametrize("phases,problem", [("32", "'32'"), ("32:0", "'32:0'"), ("4:10", "'4:10'"),
+                                            ("32:5,x:5", "'x:5'"), ("32:5,", "''")])
+def test_phases_that_are_not_seq_steps_are_refused(tmp_path, data_dir, phases, problem):  # noqa: F811
+    with pytest.raises(ValueError, match=f"--phases takes SEQ:STEPS.*{problem} is not one"):
+        pretrain(config(tmp_path, data_dir, phases=phases))
+    with pytest.raises(ValueError, match="makes 6 steps, but --max-steps is 7"):
+        pretrain(config(tmp_path, data_dir, phases="16:3,32:3", max_steps=7))
+
+
+def _tokens_per_step(out):
+    return {r["step"]: round(r["tokens_per_s"] * r["elapsed_s"]) for r in read_metrics(out) if "loss" in r}
+
+
+def test_phases_switch_the_sequence_length_in_one_run(tmp_path, data_dir, capsys):  # noqa: F811
+    result = pretrain(config(tmp_path, data_dir, phases="16:3,32:3", max_steps=6, eval_every=3))
+    assert result.steps_done == 6 and len(result.losses) == 6
+    tokens = _tokens_per_step(tmp_path)
+    assert max(tokens[s] for s in (1, 2, 3)) <= 8 * 16 < min(tokens[s] for s in (4, 5, 6))
+    evals = [r for r in read_metrics(tmp_path) if "eval_loss" in r]
+    assert [(r["step"], r["seq_len"]) for r in evals] == [(3, 16), (6, 32)]
+    assert "step 3: sequence length 32 until step 6" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pause", [2, 3, 4])  # in the first phase, at the switch, in the second
+def test_resume_across_a_phase_switch_equals_a_straight_run(tmp_path, data_dir, pause):  # noqa: F811
+    phases = dict(phases="16:3,32:3", max_steps=6, num_workers=1)  # a worker process: the switch restarts the loader
+    straight = pretrain(config(tmp_path / "straight", data_dir, **phases))
+    first = pretrain(config(tmp_path / "run", data_dir, stop_at=pause, **phases))
+    second = pretrain(config(tmp_path / "run", data_dir, resume=True, **phases))
+    assert first.losses + second.losses == straight.losses
+    assert second.param_checksum == straight.param_checksum
+    with pytest.raises(ValueError, match="resume with the same --phases"):
+        pretrain(config(tmp_path / "run", data_dir, resume=True, phases="16:2,32:4", max_steps=6))

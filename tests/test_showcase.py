@@ -22,7 +22,7 @@ def data_dir(tmp_path_factory):
     prepare_corpus([write_corpus(root / "corpus.txt")], root / "data", vocab_size=200)
     return root / "data"
 
-EXAMPLE = re.compile(r"^(\d+)\. (.*)\n   ([✓ ]) true: (\S+)\s+top-3: (.*)$", re.MULTILINE)
+EXAMPLE = re.compile(r"^(\d+)\. (.*)\n   ([✓~ ]) true: (\S+)\s+top-3: (.*)$", re.MULTILINE)
 GUESS = re.compile(r"(\S+) \((\d+)%\)")
 
 
@@ -40,9 +40,9 @@ def test_run_ends_with_masked_words_and_curves(tmp_path, data_dir, capsys):
     text = (out / showcase.SHOWCASE_FILE).read_text()
     assert text in capsys.readouterr().err  # printed as well as saved
     examples = EXAMPLE.findall(text)
-    assert [int(e[0]) for e in examples] == [1, 2, 3, 4, 5, 6]
+    assert [int(e[0]) for e in examples] == list(range(1, showcase.SHOWN + 1))
     held_out = held_out_sentences(data_dir, 0.05)
-    assert len({sentence.replace("[MASK]", true_word) for _, sentence, _, true_word, _ in examples}) == 6
+    assert len({sentence.replace("[MASK]", true_word) for _, sentence, _, true_word, _ in examples}) == showcase.SHOWN
     for _, sentence, mark, true_word, guesses in examples:
         assert sentence.count("[MASK]") == 1
         # The masked word is the true word of a sentence of a held-out document.
@@ -52,6 +52,7 @@ def test_run_ends_with_masked_words_and_curves(tmp_path, data_dir, capsys):
         probabilities = [int(p) for _, p in top3]
         assert probabilities == sorted(probabilities, reverse=True)
         assert (mark == "✓") == (top3[0][0] == true_word)
+        assert (mark == "~") == (true_word in [w for w, _ in top3[1:]])
     # Template text: after 30 steps the model guesses some words (the untrained one guesses none).
     assert any(mark == "✓" for _, _, mark, _, _ in examples)
     png = out / showcase.CURVES_FILE

@@ -71,7 +71,7 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
             for k, v in batch.items() if k in MODEL_KEYS and v is not None}
 
 
-def _collator(config: PretrainConfig, data, device: torch.device):
+def _collator(config: PretrainConfig, data, device: torch.device, seq_len: int):
     from fastbert import masking
     from fastbert.data import MLMCollator
 
@@ -81,7 +81,7 @@ def _collator(config: PretrainConfig, data, device: torch.device):
     if config.whole_word_mask:
         is_continuation = masking.continuation_table(masking.read_vocab(Path(data.data_dir) / "vocab.txt"))
     return MLMCollator(vocab_size=data.vocab_size, mask_token_id=data.mask_id, pad_token_id=data.pad_id,
-                       special_token_ids=special, is_continuation=is_continuation, max_len=config.seq_len,
+                       special_token_ids=special, is_continuation=is_continuation, max_len=seq_len,
                        pad_to_multiple_of=8, mlm_probability=config.mlm_probability,
                        whole_word_mask=config.whole_word_mask, packing=config.packing,
                        # On a GPU the model then runs unpadded on metadata made in the workers: no device sync.
@@ -117,16 +117,18 @@ class _SeededCollate:
 
 def train_batches(config: PretrainConfig, data, info: distributed.DistInfo, step: int,
                   random_next_prob: float) -> tuple[Any, Iterator]:
-    """(the training pairs, an iterator over this rank's collated CPU batches from the sample after ``step``).
+    """(the training pairs, an iterator over this rank's collated CPU batches from the sample after ``step``)
+    of the phase that trains step ``step + 1``; each phase reads its own pairs from its own first sample.
     ``random_next_prob``: the objective's share of pairs whose segment B is another document's."""
     from fastbert.data.pairs import BertPairDataset, PretrainSampler
 
-    train_set = BertPairDataset(data.data_dir, config.seq_len, short_seq_prob=config.short_seq_prob,
+    phase = config.phase_at(step)
+    train_set = BertPairDataset(data.data_dir, phase.seq_len, short_seq_prob=config.short_seq_prob,
                                 random_next_prob=random_next_prob, seed=config.seed, split="train",
                                 eval_fraction=config.eval_fraction)
-    collate = _SeededCollate(_collator(config, data, info.device), config.seed)
+    collate = _SeededCollate(_collator(config, data, info.device, phase.seq_len), config.seed)
     sampler = PretrainSampler(len(train_set), seed=config.seed, rank=info.rank, world_size=info.world_size,
-                              start_index=step * config.samples_per_step)
+                              start_index=(step - phase.start) * config.samples_per_step)
     workers = config.num_workers
     # Its own generator: creating the iterator must not draw from the global RNG (the dropout stream).
     generator = torch.Generator().manual_seed(config.seed * 1009 + info.rank)
@@ -138,8 +140,10 @@ def train_batches(config: PretrainConfig, data, info: distributed.DistInfo, step
     return train_set, iter(loader)
 
 
-def eval_batches(config: PretrainConfig, data, device: torch.device, random_next_prob: float) -> list[dict]:
-    """The held-out batches, collated once (fixed masks, so evals along the run are comparable).
+def eval_batches(config: PretrainConfig, data, device: torch.device, random_next_prob: float,
+                 seq_len: int) -> list[dict]:
+    """The held-out batches of ``seq_len``-token pairs, collated once (fixed masks, so evals along the run
+    are comparable).
 
     ``eval_batches * batch_size`` pairs. When the held-out documents hold fewer, further passes over
     them draw new pairs (other starts, A/B cuts, random next sentences and masks), as BERT's
@@ -151,12 +155,12 @@ def eval_batches(config: PretrainConfig, data, device: torch.device, random_next
     wanted = config.eval_batches * config.batch_size
     pairs = []
     for repeat in range(wanted):  # bounded: every pass adds at least one pair
-        eval_set = BertPairDataset(data.data_dir, config.seq_len, short_seq_prob=config.short_seq_prob,
+        eval_set = BertPairDataset(data.data_dir, seq_len, short_seq_prob=config.short_seq_prob,
                                    random_next_prob=random_next_prob, seed=config.seed + 7_919 * repeat, split="eval",
                                    eval_fraction=config.eval_fraction)
         pairs += [eval_set[i] for i in range(min(len(eval_set), wanted - len(pairs)))]
         if len(pairs) == wanted:
             break
-    eval_collate = _SeededCollate(_collator(config, data, device), config.seed + 1)
+    eval_collate = _SeededCollate(_collator(config, data, device, seq_len), config.seed + 1)
     return [eval_collate(list(enumerate(pairs[s:s + config.batch_size], start=s)))
             for s in range(0, len(pairs), config.batch_size)]

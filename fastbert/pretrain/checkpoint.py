@@ -111,6 +111,10 @@ class Checkpointer:
             raise ValueError(f"{resumed.path} was trained on the vocabulary of {saved.get('dir', 'another data dir')}, "
                              f"but {self.data.data_dir} has a different vocabulary: resume with the same --data, "
                              "or start a new run in another --out")
+        if saved.get("phases") != self.config.phases_record:
+            # The data position of step N depends on the phases: other ones would skip or repeat pairs.
+            raise ValueError(f"{resumed.path} was trained with --phases {saved.get('phases')}, not "
+                             f"{self.config.phases}: resume with the same --phases, or start a new run in another --out")
         distributed.barrier(self.info)  # every rank has chosen before rank 0 renames anything
         if self.info.is_main:
             for path in corrupt:
@@ -160,7 +164,8 @@ class Checkpointer:
                 model.save_pretrained(staging)
                 state = {"step": step, **updater.state_dict(), "samples_per_rank": step * self.config.samples_per_step,
                          "world_size": info.world_size, "pretrain_config": dataclasses.asdict(self.config),
-                         "data": {"dir": str(self.data.data_dir), "vocab_sha256": self.data.vocab_sha256}}
+                         "data": {"dir": str(self.data.data_dir), "vocab_sha256": self.data.vocab_sha256,
+                                  "phases": self.config.phases_record}}
                 with write_errors_as_os_errors(staging / files.TRAINER_STATE):
                     torch.save(state, staging / files.TRAINER_STATE)
                 files.write_manifest(staging, step)

@@ -15,6 +15,7 @@ from fastbert.training.schedule import SCHEDULES
 # tokens a step (the default recipe), LAMB 2e-2 at batch 32 x 128; large models and batches want their own.
 DEFAULT_LR = {"lamb": 2e-2, "adamw": 2e-3}
 OBJECTIVE_NAMES = ("mlm", "mlm+nsp")
+MAX_STEPS_DEFAULT = 1000
 
 
 # Each eval batch is collated once and kept: 10 k batches of 32 pairs is already far past a useful eval.
@@ -31,10 +32,13 @@ class PretrainConfig:
     objective: str = option("mlm", choices=OBJECTIVE_NAMES,
                             help="mlm: masked-LM on contiguous text (RoBERTa, MosaicBERT, ModernBERT); mlm+nsp: "
                                  "BERT's, with next-sentence prediction. Both export a BertForPreTraining")
-    max_steps: int = option(1000, help="optimizer steps of the whole run", at_least=1)
+    max_steps: int = option(MAX_STEPS_DEFAULT, help="optimizer steps of the whole run", at_least=1)
     batch_size: int = option(128, help="sequences per device per micro-step", at_least=1)
     grad_accum: int = option(1, help="micro-steps per optimizer step (gradient accumulation)", at_least=1)
     seq_len: int = option(32, help="tokens per training pair", at_least=8)
+    phases: str | None = option(None, help="sequence-length phases SEQ:STEPS,... (e.g. 32:900,128:100, as BERT "
+                                           "trained 90%% of its steps at 128, then 512): one run, one schedule over "
+                                           "their sum; replaces --seq-len and --max-steps")
     lr: float | None = option(None, above=0, at_most=MAX_LR, help="peak learning rate (default: 2e-3 AdamW, 2e-2 "
                                                                   "LAMB, tuned for bert-tiny)")
     warmup: float = option(0.05, help="< 1: fraction of max steps; >= 1: steps", at_least=0)
@@ -79,10 +83,40 @@ class PretrainConfig:
 
     def validate(self) -> None:
         check_options(self)
+        if self.phases is not None:
+            total = sum(steps for _, steps in parse_phases(self.phases))
+            if self.max_steps not in (total, MAX_STEPS_DEFAULT):
+                raise ValueError(f"--phases {self.phases} makes {total} steps, but --max-steps is {self.max_steps}: "
+                                 "give one of them")
+            self.max_steps = total  # the phases replace --max-steps (and --seq-len: see phase_plan)
         if self.stop_at is not None and self.stop_at > self.max_steps:
             raise ValueError(f"--stop-at must be in [1, --max-steps={self.max_steps}], got {self.stop_at}")
         if self.corpus and self.data:
             raise ValueError("give either --corpus (prepared on the fly) or --data (already prepared), not both")
+
+    @property
+    def phase_plan(self) -> tuple["Phase", ...]:
+        """The run's phases in order (one of --seq-len x --max-steps without --phases)."""
+        pairs = parse_phases(self.phases) if self.phases is not None else [(self.seq_len, self.max_steps)]
+        plan, start = [], 0
+        for seq_len, steps in pairs:
+            plan.append(Phase(seq_len, start, start + steps))
+            start += steps
+        return tuple(plan)
+
+    @property
+    def phases_record(self) -> list[list[int]] | None:
+        """--phases as [[seq_len, steps], ...] (None without it): what a checkpoint records and a resume
+        must match."""
+        return [list(pair) for pair in parse_phases(self.phases)] if self.phases is not None else None
+
+    def phase_at(self, step: int) -> "Phase":
+        """The phase that trains step ``step + 1`` (the last one once the run is done)."""
+        return next((phase for phase in self.phase_plan if step < phase.end), self.phase_plan[-1])
+
+    @property
+    def longest_seq_len(self) -> int:
+        return max(phase.seq_len for phase in self.phase_plan)
 
     @property
     def peak_lr(self) -> float:
@@ -92,6 +126,32 @@ class PretrainConfig:
     def samples_per_step(self) -> int:
         """Training pairs per optimizer step on each rank."""
         return self.batch_size * self.grad_accum
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Steps ``start + 1 .. end`` of the run train on pairs of ``seq_len`` tokens."""
+
+    seq_len: int
+    start: int
+    end: int
+
+
+def parse_phases(text: str) -> list[tuple[int, int]]:
+    """``"32:900,128:100"`` -> [(32, 900), (128, 100)]; a ValueError naming the part that is not SEQ:STEPS
+    with SEQ >= 8 and STEPS >= 1."""
+    pairs = []
+    for part in str(text).split(","):
+        fields = part.strip().split(":")
+        try:
+            seq_len, steps = (int(f) for f in fields) if len(fields) == 2 else (None, None)
+        except ValueError:
+            seq_len = steps = None
+        if seq_len is None or seq_len < 8 or steps < 1:
+            raise ValueError(f"--phases takes SEQ:STEPS,... with SEQ >= 8 and STEPS >= 1 (e.g. 32:900,128:100); "
+                             f"{part.strip()!r} is not one")
+        pairs.append((seq_len, steps))
+    return pairs
 
 
 @dataclass

@@ -28,7 +28,7 @@ from fastbert.pretrain import distributed
 from fastbert.pretrain.baselines import CountBaselines
 from fastbert.pretrain.batches import eval_batches, load_data, to_device, train_batches
 from fastbert.pretrain.checkpoint import PRETRAINING_RECORD, Checkpointer
-from fastbert.pretrain.config import PretrainConfig, PretrainResult
+from fastbert.pretrain.config import Phase, PretrainConfig, PretrainResult
 from fastbert.pretrain.distributed import log
 from fastbert.pretrain.flops import peak_tflops, training_flops
 from fastbert.pretrain.interrupts import StopRequests
@@ -69,7 +69,7 @@ def _train(config: PretrainConfig, info: distributed.DistInfo) -> PretrainResult
                     output = _train_step(run)
                     if run.step % config.log_every == 0 or run.step == config.max_steps:
                         _log_window(run, output)
-                    if run.eval_batches and (run.step % config.eval_every == 0 or run.step == config.max_steps):
+                    if config.eval_batches and (run.step % config.eval_every == 0 or run.step == config.max_steps):
                         _eval(run)
                     if run.step == config.stop_at and run.step < config.max_steps:
                         pause = False  # a planned pause
@@ -124,9 +124,9 @@ class _Run:
     precision: Precision
     updater: Updater                   # optimizer, schedule, loss scaler, the step count, divergence flags
     checkpointer: Checkpointer
-    batches: Iterator[dict]            # collated CPU batches
-    eval_batches: list[dict]
-    baselines: dict[str, float]        # the count baselines on the eval's [MASK] targets (printed beside it)
+    length_phase: Phase                # the --phases entry (sequence length) the batches are of
+    batches: Iterator[dict]            # collated CPU batches of that phase
+    held_out: dict[int, "_HeldOut"]    # per sequence length of the run: the eval batches and their baselines
     metrics: MetricsLog
     window: _Window
     stop: StopRequests
@@ -142,6 +142,12 @@ class _Run:
     @property
     def device(self) -> torch.device:
         return self.info.device
+
+
+@dataclass
+class _HeldOut:
+    batches: list[dict]                # collated once
+    baselines: dict[str, float]        # the count baselines on their [MASK] targets (printed beside the eval)
 
 
 @dataclass
@@ -187,8 +193,8 @@ def _model_config(config: PretrainConfig, data) -> tuple[BertConfig, Path | None
             config.model, vocab_size=int(math.ceil(data.vocab_size / 8) * 8), pad_token_id=data.pad_id,
             initializer_range=config.init_range or preset.hidden_size ** -0.5, **overrides)
         start = None
-    if config.seq_len > model_config.max_position_embeddings:
-        raise ValueError(f"--seq-len {config.seq_len} is above the model's max_position_embeddings "
+    if config.longest_seq_len > model_config.max_position_embeddings:
+        raise ValueError(f"--seq-len {config.longest_seq_len} is above the model's max_position_embeddings "
                          f"({model_config.max_position_embeddings})")
     return model_config, start
 
@@ -230,8 +236,7 @@ def _set_up(config: PretrainConfig, info: distributed.DistInfo, out: Path, stop:
         train_model = torch.compile(train_model)
 
     train_set, batches = train_batches(config, data, info, updater.step, objective.random_next_prob)
-    held_out = eval_batches(config, data, device, objective.random_next_prob)
-    baselines = _count_baselines(config, data, held_out)
+    held_out = _held_out_sets(config, data, device, objective)
     if resumed is not None:
         checkpointer.restore_rng(resumed)  # last: nothing above may shift the dropout stream
     metrics = MetricsLog(out, info.is_main, config.progress, config.max_steps, updater.step)
@@ -242,21 +247,28 @@ def _set_up(config: PretrainConfig, info: distributed.DistInfo, out: Path, stop:
               f"{info.world_size} process(es) on {device}, precision {precision.name}, backend {config.backend}, "
               f"{len(train_set):,} training pairs per epoch, output {out}")
     return _Run(config=config, info=info, objective=objective, data=data, model=model, train_model=train_model, precision=precision,
-                updater=updater, checkpointer=checkpointer, batches=batches, eval_batches=held_out, baselines=baselines,
-                metrics=metrics,
+                updater=updater, checkpointer=checkpointer, length_phase=config.phase_at(updater.step), batches=batches,
+                held_out=held_out, metrics=metrics,
                 window=_Window(model_config, peak_tflops(device)), stop=stop,
                 result=PretrainResult(out=out, final_dir=None, steps_done=updater.step))
 
 
-def _count_baselines(config: PretrainConfig, data, held_out: list[dict]) -> dict[str, float]:
-    """What counting training tokens scores on the eval's [MASK] targets (:mod:`~fastbert.pretrain.baselines`)."""
-    if not held_out:
+def _held_out_sets(config: PretrainConfig, data, device: torch.device, objective: Objective) -> dict[int, _HeldOut]:
+    """The eval batches of each phase's sequence length, with what counting training tokens scores on
+    their [MASK] targets (:mod:`~fastbert.pretrain.baselines`). All made at set-up: a resumed run and a
+    straight one then draw the same random numbers before the first step."""
+    if not config.eval_batches:
         return {}
     from fastbert.data.pairs import eval_documents
 
     train_documents = np.setdiff1d(np.arange(data.num_documents), eval_documents(data.num_documents,
                                                                                  config.eval_fraction))
-    return CountBaselines.fit(data, train_documents).score(held_out, data.mask_id)
+    counts = CountBaselines.fit(data, train_documents)
+    held_out = {}
+    for seq_len in dict.fromkeys(phase.seq_len for phase in config.phase_plan):
+        batches = eval_batches(config, data, device, objective.random_next_prob, seq_len)
+        held_out[seq_len] = _HeldOut(batches, counts.score(batches, data.mask_id))
+    return held_out
 
 
 # --- one optimisation step -------------------------------------------------------------------------
@@ -265,6 +277,8 @@ def _train_step(run: _Run) -> _StepOutput:
 
     Nothing here waits on the device: the losses and the divergence flags stay device tensors."""
     config, info, updater = run.config, run.info, run.updater
+    if run.step >= run.length_phase.end:
+        _next_length_phase(run)
     # Taken before this step's dropout draws: an interrupt before the update checkpoints this state.
     # (Only torch's generators: the step draws from no other, and NumPy's get_state costs ~0.1 ms.)
     run.rng_before_step = torch_rng_state()
@@ -287,6 +301,16 @@ def _train_step(run: _Run) -> _StepOutput:
     run.phase = "between"
     run.metrics.advance()
     return _StepOutput(losses, grad_norm, run.objective.batch_accuracy(output, batch))
+
+
+def _next_length_phase(run: _Run) -> None:
+    """--phases: the batches of the next sequence length, from that phase's first sample."""
+    shutdown = getattr(run.batches, "_shutdown_workers", None)  # a DataLoader iterator's worker processes
+    if shutdown is not None:
+        shutdown()
+    run.length_phase = run.config.phase_at(run.step)
+    _, run.batches = train_batches(run.config, run.data, run.info, run.step, run.objective.random_next_prob)
+    log(run.info, f"\nstep {run.step}: sequence length {run.length_phase.seq_len} until step {run.length_phase.end}")
 
 
 # --- the log window --------------------------------------------------------------------------------
@@ -323,10 +347,13 @@ def _stop_requested(run: _Run) -> bool:
 
 # --- eval ------------------------------------------------------------------------------------------
 def _eval(run: _Run) -> None:
-    """The held-out eval (see :meth:`Objective.evaluate`) beside the count baselines, logged as its own
-    metrics row."""
-    run.result.last_eval = {**run.objective.evaluate(run.model, run.eval_batches, run.device, run.precision.dtype,
-                                                     mask_token_id=run.data.mask_id), **run.baselines}
+    """The held-out eval (see :meth:`Objective.evaluate`) at the current phase's sequence length, beside
+    the count baselines, logged as its own metrics row."""
+    seq_len = run.length_phase.seq_len
+    held_out = run.held_out[seq_len]
+    run.result.last_eval = {**run.objective.evaluate(run.model, held_out.batches, run.device, run.precision.dtype,
+                                                     mask_token_id=run.data.mask_id), **held_out.baselines,
+                            "seq_len": seq_len}
     run.metrics.log({"step": run.step, **run.result.last_eval})
     run.window.start = time.perf_counter()  # eval time is not training throughput
 
@@ -382,7 +409,7 @@ def _finish(run: _Run) -> PretrainResult:
             log(run.info, run.objective.eval_summary(result.last_eval, run.step))
         held_out = eval_documents(run.data.num_documents, run.config.eval_fraction)
         log(run.info, showcase.write_showcase(result.out, run.model, run.data, held_out,
-                                              max_seq_len=run.config.seq_len, seed=run.config.seed,
+                                              max_seq_len=run.config.phase_plan[-1].seq_len, seed=run.config.seed,
                                               device=run.device).rstrip())
     result.steps_done = run.step
     result.param_checksum = float(sum(p.detach().double().sum() for p in run.model.parameters()))
