@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import Row, Timing, script_main, time_fn
+from .common import Row, Timing, _timing, cpu_conditions, script_main, time_fn
 
 _WORDS = ("the of and to in is that for it as with was on be by this are from at or an which have not "
           "model data token sentence training layer attention vector value returns function object").split()
@@ -57,6 +57,43 @@ def _drain(loader, batches, loaded_tokens):
                              for example in batch))
 
 
+def _builtin_times(tmp: Path, copies: int) -> Path:
+    """The built-in corpus (real prose) ``copies`` times over: ~20 MB at 8, the size the goals are set at."""
+    from fastbert.data.builtin import builtin_corpus_path
+
+    text = builtin_corpus_path().read_text(encoding="utf-8")
+    path = tmp / f"builtin_x{copies}.txt"
+    path.write_text((text.rstrip("\n") + "\n\n") * copies, encoding="utf-8")
+    return path
+
+
+def _prepare_rows(tmp: Path, corpus, tokenizer_dir: Path, quick: bool) -> list[Row]:
+    """Preparing a corpus with a given vocabulary at 1 and 2 worker processes, beside the ceiling: the
+    tokenizer alone (all its threads) on the already split sentences. Interleaved, 3 rounds."""
+    from fastbert.data import load_wordpiece, prepare_corpus
+
+    wordpiece = load_wordpiece(tokenizer_dir)
+    sentences = [s for document in corpus.documents() for s in document]
+    megabytes = sum(path.stat().st_size for _, path in corpus._files) / 1e6
+    runs = itertools.count()
+    cases = {"workers1": lambda: prepare_corpus(corpus, tmp / f"w{next(runs)}", tokenizer=tokenizer_dir, workers=1),
+             "workers2": lambda: prepare_corpus(corpus, tmp / f"w{next(runs)}", tokenizer=tokenizer_dir, workers=2),
+             "encode": lambda: wordpiece.encode_batch(sentences)}
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(1 if quick else 3):
+        for name, fn in cases.items():
+            samples[name].append(_time_once(fn).median)
+    tokens = sum(map(len, wordpiece.encode_batch(sentences)))
+    shape = f"{megabytes:.1f}MB {tokens} tok"
+    rows = []
+    for name, values in samples.items():
+        timing = _timing(values)
+        note = f"{megabytes / (timing.median * 1e-3):.1f} MB/s; {cpu_conditions()}"
+        rows.append(Row.measured("data_prepare", "tokenizers" if name == "encode" else "fastbert", name, "-", shape,
+                                 timing, tokens_per_s=tokens / (timing.median * 1e-3), note=note))
+    return rows
+
+
 def run(device: str, dtype: str, quick: bool) -> list[Row]:
     from fastbert.data import BertPairDataset, Corpus, prepare_corpus, train_wordpiece
 
@@ -76,11 +113,7 @@ def run(device: str, dtype: str, quick: bool) -> list[Row]:
                                  timing, tokens_per_s=corpus_tokens / (timing.median * 1e-3)))
 
         data = prepare_corpus(corpus, tmp / "data", vocab_size=vocab_size)
-        runs = itertools.count()
-        timing = _time_once(lambda: prepare_corpus(corpus, tmp / f"again{next(runs)}", tokenizer=tmp / "data"))
-        rows.append(Row.measured("data_prepare", "fastbert", "tokenize", data.token_dtype,
-                                 f"{data.num_tokens} tok", timing,
-                                 tokens_per_s=data.num_tokens / (timing.median * 1e-3)))
+        rows += _prepare_rows(tmp, corpus if quick else Corpus(_builtin_times(tmp, 8)), tmp / "data", quick)
 
         for seq_len in ((128,) if quick else (128, 512)):
             dataset = BertPairDataset(data, seq_len)

@@ -23,8 +23,8 @@ def _prepare(args: argparse.Namespace) -> int:
     from fastbert.data import prepare_corpus
 
     data = prepare_corpus(args.corpus, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                          lowercase=args.lowercase, workers=args.workers, shard_tokens=args.shard_tokens,
-                          overwrite=args.overwrite, progress=True)
+                          lowercase=args.lowercase, workers=args.workers, vocab_sample=args.vocab_sample,
+                          shard_tokens=args.shard_tokens, overwrite=args.overwrite, progress=True)
     if data.reused:
         print(f"{data.data_dir}: already prepared from the same inputs and settings (reused)")
     print(f"{data.data_dir}: {data.num_documents:,} documents, {data.num_sentences:,} sentences, "
@@ -83,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     case.add_argument("--lowercase", dest="lowercase", action="store_true", default=None,
                       help="lower-case the text (default when training a vocabulary)")
     case.add_argument("--cased", dest="lowercase", action="store_false", help="keep the case")
-    prepare.add_argument("--workers", type=int, default=None, help="tokenizer threads (default: all cores)")
+    prepare.add_argument("--workers", type=int, default=None,
+                         help="processes that split and tokenize the documents, and threads that train the "
+                              "vocabulary (default: all cores); the output is the same bytes whatever the number")
+    prepare.add_argument("--vocab-sample", type=int, default=None, metavar="LINES",
+                         help="train the vocabulary on a fixed uniform sample of this many lines (default: all)")
     prepare.add_argument("--shard-tokens", type=int, default=1 << 25, help="tokens per shard file")
     prepare.add_argument("--overwrite", action="store_true",
                          help="replace an output folder prepared from other inputs or settings")

@@ -369,5 +369,8 @@ def test_data_benchmark_quick_smoke():
     from benchmarks import bench_data
 
     rows = bench_data.run("cpu", "fp32", True)
-    assert [row.op for row in rows] == ["data_vocab", "data_prepare", "data_pairs"]
-    assert all(row.ms_median > 0 and row.tokens_per_s > 0 and not row.note for row in rows)
+    assert [(row.op, row.mode) for row in rows] == [("data_vocab", "train"), ("data_prepare", "workers1"),
+                                                    ("data_prepare", "workers2"), ("data_prepare", "encode"),
+                                                    ("data_pairs", "getitem")]
+    assert all(row.ms_median > 0 and row.tokens_per_s > 0 for row in rows)
+    assert all(("MB/s" in row.note) == (row.op == "data_prepare") for row in rows)

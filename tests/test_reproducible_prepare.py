@@ -67,3 +67,53 @@ def test_trained_vocabulary_has_only_the_five_special_tokens_as_added_tokens():
     # the same list, read as a stream or as a callable, gives the same vocabulary
     assert train_wordpiece(iter(sentences), vocab_size=120).vocab_tokens() == tokenizer.vocab_tokens()
     assert train_wordpiece(lambda: iter(sentences), vocab_size=120).vocab_tokens() == tokenizer.vocab_tokens()
+
+
+def _prepared_bytes(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.name != LOCK_NAME}
+
+
+def test_worker_processes_write_what_one_process_writes(tmp_path):
+    from fastbert.data import Corpus, load_wordpiece, prepare_corpus
+
+    from .test_data_prepare import stored_documents
+
+    # Several sources and kinds (paragraphs to split, .jsonl), many chunks of a few lines each, so every
+    # worker gets chunks, results come back out of order and shards end mid-stream.
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_bert_format(folder / "a.txt", random_documents(7, 40) + unicode_documents(8, 40))
+    (folder / "b.jsonl").write_text("\n".join(
+        '{"text": "%s"}' % " ".join(document) for document in random_documents(9, 30)) + "\n")
+    vocab = tmp_path / "vocab"
+    prepare_corpus([folder], vocab, vocab_size=200)
+    written = {}
+    for workers in (1, 2, 3):
+        out = tmp_path / f"w{workers}"
+        data = prepare_corpus([folder], out, tokenizer=vocab, workers=workers, batch_lines=7, shard_tokens=1500)
+        written[workers] = _prepared_bytes(out)
+    assert len(data.shards) > 2
+    assert written[1] == written[2] == written[3]
+    # ... and it is the definition: each document of the corpus, split and tokenized
+    wordpiece = load_wordpiece(vocab)
+    expected = [wordpiece.encode_batch(document) for document in Corpus([folder]).documents()]
+    assert stored_documents(data) == [[s for s in document if s] for document in expected]
+
+
+def test_the_vocabulary_sample_is_uniform_fixed_and_bounded(tmp_path):
+    from fastbert.data import prepare_corpus
+    from fastbert.data.prepare import sample_sentences
+
+    lines = [[f"line {i}."] for i in range(10_000)]
+    sample = sample_sentences(lines, 1000)
+    numbers = [int(s.split()[1].rstrip(".")) for s in sample]
+    assert len(numbers) == 1000 == len(set(numbers)) and numbers == sorted(numbers)  # in corpus order
+    assert sample == sample_sentences(lines, 1000)  # the same every time
+    assert 0.4 < np.mean(np.array(numbers) < 5000) < 0.6  # spread over the corpus, not its start
+    assert sample_sentences(lines[:10], 1000) == [f"line {i}." for i in range(10)]  # fewer lines: all of them
+    # In prepare: the same vocabulary twice, another than the whole corpus's, a fingerprint of its own
+    corpus = write_bert_format(tmp_path / "corpus.txt", random_documents(5, 200) + unicode_documents(6, 200))
+    sampled = [prepare_corpus([corpus], tmp_path / f"s{i}", vocab_size=300, vocab_sample=50) for i in (1, 2)]
+    whole = prepare_corpus([corpus], tmp_path / "whole", vocab_size=300)
+    assert _prepared_bytes(tmp_path / "s1") == _prepared_bytes(tmp_path / "s2")
+    assert sampled[0].vocab_sha256 != whole.vocab_sha256 and sampled[0].fingerprint != whole.fingerprint

@@ -27,7 +27,7 @@ import zlib
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Sequence
 
-from fastbert.data.text import decode_counting, documents_of_lines, sentences_of_lines
+from fastbert.data.text import decode_counting, raw_documents_of_lines, sentences_of_lines
 
 BUILTIN = "builtin"
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -63,7 +63,16 @@ class Corpus:
         return ", ".join(self.sources)
 
     def documents(self) -> Iterator[list[str]]:
-        """Every document of every source, in order. Raises ValueError if there are none."""
+        """Every document of every source, in order, as its sentences. Raises ValueError if there are none."""
+        for raw in self.raw_documents():
+            sentences = sentences_of_lines(raw)
+            if sentences:
+                yield sentences
+
+    def raw_documents(self) -> Iterator[list[str]]:
+        """Every document of every source, in order, as lines (each a sentence or a paragraph, at least
+        one not blank) that :func:`~fastbert.data.text.sentences_of_lines` splits into the sentences of
+        :meth:`documents`. Raises ValueError if there are none."""
         replaced = [0]
         found = False
         for kind, path in self._files:
@@ -163,8 +172,9 @@ def _decoded_lines(path: Path, replaced: list[int]) -> Iterator[str]:
         raise ValueError(f"{path}: truncated or corrupted gzip file ({err})") from None
 
 
+# Each reader yields raw documents: their lines, at least one of them not blank.
 def _read_text(path: Path, replaced: list[int]) -> Iterator[list[str]]:
-    yield from documents_of_lines(_decoded_lines(path, replaced))
+    yield from raw_documents_of_lines(_decoded_lines(path, replaced))
 
 
 def _read_jsonl(path: Path, replaced: list[int]) -> Iterator[list[str]]:
@@ -180,9 +190,8 @@ def _read_jsonl(path: Path, replaced: list[int]) -> Iterator[list[str]]:
         text = record["text"]
         if not isinstance(text, str):
             raise ValueError(f"{path}:{number}: the 'text' field must be a string, got {type(text).__name__}")
-        sentences = sentences_of_lines(text.split("\n"))
-        if sentences:
-            yield sentences
+        if text.strip():
+            yield text.split("\n")
 
 
 def _read_folder(path: Path, replaced: list[int]) -> Iterator[list[str]]:
@@ -207,9 +216,8 @@ def _read_datasets(path: Path, replaced: list[int]) -> Iterator[list[str]]:
     for number, text in enumerate(_column(dataset, "text")):
         if not isinstance(text, str):
             raise ValueError(f"{path}: row {number}: 'text' must be a string, got {type(text).__name__}")
-        sentences = sentences_of_lines(text.split("\n"))
-        if sentences:
-            yield sentences
+        if text.strip():
+            yield text.split("\n")
 
 
 def _column(dataset, name: str, batch_size: int = 1000) -> Iterable:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import os
 import sys
@@ -26,6 +25,8 @@ from fastbert._atomic import atomic_write_text
 from fastbert._folder_lock import LOCK_NAME, FolderLock
 from fastbert._hashing import file_sha256
 from fastbert.data.corpus import Corpus, SourceLike
+from fastbert.data.text import split_sentences
+from fastbert.data.parallel_tokenize import tokenized_documents
 from fastbert.data.shards import SHARD_PATTERN, ShardInfo, ShardWriter, TokenStore, shard_file, token_dtype_for
 from fastbert.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
@@ -42,7 +43,7 @@ METADATA_FILE = "metadata.json"
 # Present while a run is writing; gone once metadata.json is in place.
 IN_PROGRESS_FILE = ".prepare-in-progress"
 DEFAULT_SHARD_TOKENS = 1 << 25  # 32 M tokens: 64 MB of uint16 per shard
-DEFAULT_BATCH_SENTENCES = 8192
+DEFAULT_BATCH_LINES = 1024  # lines per chunk handed to a worker: small enough to balance 2+ workers on 20 MB
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,9 @@ class PreparedData:
 def prepare_corpus(corpus: Corpus | SourceLike | Sequence[SourceLike], out_dir: str | os.PathLike, *,
                    tokenizer: str | os.PathLike | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE,
                    lowercase: bool | None = None, min_frequency: int = 2,
-                   shard_tokens: int = DEFAULT_SHARD_TOKENS, batch_sentences: int = DEFAULT_BATCH_SENTENCES,
-                   workers: int | None = None, overwrite: bool = False, cache_dir: SourceLike | None = None,
-                   progress: bool = False) -> PreparedData:
+                   shard_tokens: int = DEFAULT_SHARD_TOKENS, batch_lines: int = DEFAULT_BATCH_LINES,
+                   workers: int | None = None, vocab_sample: int | None = None, overwrite: bool = False,
+                   cache_dir: SourceLike | None = None, progress: bool = False) -> PreparedData:
     """Tokenize ``corpus`` into ``out_dir`` and return what was written (or what was already there).
 
     corpus: a :class:`Corpus`, or sources for one (paths, folders, ``"builtin"``).
@@ -89,18 +90,28 @@ def prepare_corpus(corpus: Corpus | SourceLike | Sequence[SourceLike], out_dir: 
         vocabulary of at most ``vocab_size`` tokens on the corpus (special ids 0..4).
     lowercase: None = True when training or for a bare ``vocab.txt``, else the tokenizer's own setting.
     shard_tokens: a shard is written once it holds this many tokens (at a document boundary).
-    workers: tokenizer threads (``RAYON_NUM_THREADS``; honoured when set before the first tokenizer
-        call of the process, as the CLI does); None = all cores.
+    batch_lines: lines of raw documents per chunk handed to a worker (whole documents).
+    workers: processes that split the documents into sentences and tokenize them (one thread each),
+        while this one reads the corpus and writes the shards; None = the cores this process may use.
+        The output is the same bytes whatever the number. Training a vocabulary uses as many threads
+        (``RAYON_NUM_THREADS``, honoured when set before the first tokenizer call of the process, as
+        the CLI does).
+    vocab_sample: train the vocabulary on this many lines of the corpus (a uniform sample, the same one
+        every time), not all of it, as BERT did; None = all. The corpus is then read twice, not three times.
     overwrite: replace a folder prepared from other inputs or settings (otherwise a ValueError).
     """
     if not isinstance(corpus, Corpus):
         corpus = Corpus(corpus, cache_dir=cache_dir)
     _check_positive("shard_tokens", shard_tokens)
-    _check_positive("batch_sentences", batch_sentences)
+    _check_positive("batch_lines", batch_lines)
     _check_positive("min_frequency", min_frequency)
     if workers is not None:
         _check_positive("workers", workers)
         os.environ["RAYON_NUM_THREADS"] = str(workers)
+    else:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if vocab_sample is not None:
+        _check_positive("vocab_sample", vocab_sample)
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output path {out_dir} exists and is not a folder")
@@ -108,7 +119,7 @@ def prepare_corpus(corpus: Corpus | SourceLike | Sequence[SourceLike], out_dir: 
     recipe = {
         "format_version": FORMAT_VERSION,
         "corpus": corpus.fingerprint(),
-        "tokenizer": _tokenizer_recipe(tokenizer, vocab_size, lowercase, min_frequency),
+        "tokenizer": _tokenizer_recipe(tokenizer, vocab_size, lowercase, min_frequency, vocab_sample),
         "shard_tokens": shard_tokens,
     }
     fingerprint = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
@@ -129,6 +140,11 @@ def prepare_corpus(corpus: Corpus | SourceLike | Sequence[SourceLike], out_dir: 
                     documents = _progress_bar(documents, next(passes, "vocabulary"))
                 return (sentence for document in documents for sentence in document)
 
+            if vocab_sample is not None:
+                documents = corpus.raw_documents()
+                if progress:
+                    documents = _progress_bar(documents, "vocabulary sample")
+                sentences = sample_sentences(documents, vocab_sample)
             wordpiece = train_wordpiece(sentences, vocab_size=vocab_size, lowercase=True if lowercase is None else lowercase,
                                         min_frequency=min_frequency)
         else:
@@ -137,11 +153,12 @@ def prepare_corpus(corpus: Corpus | SourceLike | Sequence[SourceLike], out_dir: 
 
         dtype = token_dtype_for(wordpiece.vocab_size)
         writer = ShardWriter(out_dir, dtype, shard_tokens)
-        documents = corpus.documents()
+        documents = corpus.raw_documents()
         if progress:
             documents = _progress_bar(documents, "tokenize")
-        for batch in _batches(documents, batch_sentences):
-            _write_batch(writer, wordpiece, batch)
+        for tokens, sentence_lengths in tokenized_documents(documents, wordpiece, workers=workers,
+                                                            chunk_lines=batch_lines):
+            writer.add_flat_document(tokens, sentence_lengths)
         shards = writer.close()
         if not shards:
             raise ValueError(f"no document of {corpus.describe()} has any token after tokenization")
@@ -259,11 +276,15 @@ def _check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def _tokenizer_recipe(tokenizer, vocab_size: int, lowercase: bool | None, min_frequency: int) -> dict:
+def _tokenizer_recipe(tokenizer, vocab_size: int, lowercase: bool | None, min_frequency: int,
+                      vocab_sample: int | None) -> dict:
     if tokenizer is None:
         _check_positive("vocab_size", vocab_size)
-        return {"train": True, "vocab_size": vocab_size, "lowercase": True if lowercase is None else lowercase,
-                "min_frequency": min_frequency}
+        recipe = {"train": True, "vocab_size": vocab_size, "lowercase": True if lowercase is None else lowercase,
+                  "min_frequency": min_frequency}
+        if vocab_sample is not None:  # absent otherwise: folders prepared before it keep their fingerprint
+            recipe["vocab_sample"] = vocab_sample
+        return recipe
     path = Path(tokenizer).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"tokenizer not found: {tokenizer}")
@@ -310,32 +331,27 @@ def _clear_previous_run(out_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _batches(documents: Iterable[list[str]], batch_sentences: int) -> Iterator[list[list[str]]]:
-    batch: list[list[str]] = []
-    count = 0
-    for document in documents:
-        batch.append(document)
-        count += len(document)
-        if count >= batch_sentences:
-            yield batch
-            batch, count = [], 0
-    if batch:
-        yield batch
-
-
-def _write_batch(writer: ShardWriter, wordpiece: WordPieceTokenizer, batch: list[list[str]]) -> None:
-    """Tokenize a batch of documents in one parallel call and hand each document to the writer."""
-    ids = wordpiece.encode_batch([sentence for document in batch for sentence in document])
-    lengths = np.fromiter((len(sentence) for sentence in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
-    sentence_start = 0
-    token_start = 0
-    for document in batch:
-        document_lengths = lengths[sentence_start:sentence_start + len(document)]
-        document_tokens = int(document_lengths.sum())
-        writer.add_flat_document(flat[token_start:token_start + document_tokens], document_lengths)
-        sentence_start += len(document)
-        token_start += document_tokens
+def sample_sentences(raw_documents: Iterable[list[str]], lines: int, seed: int = 0) -> list[str]:
+    """The sentences of ``lines`` lines drawn uniformly from the raw documents' lines (reservoir
+    sampling, seeded: the same sample every time), in corpus order; all of them when there are fewer."""
+    rng = np.random.default_rng(seed)
+    reservoir: list[tuple[int, str]] = []
+    draws = np.empty(0)
+    number = 0
+    for document in raw_documents:
+        for line in document:
+            if number < lines:
+                reservoir.append((number, line))
+            else:
+                if not len(draws):
+                    draws = rng.random(1 << 16)  # uniform numbers drawn in blocks: one per line past the first `lines`
+                slot = int(draws[-1] * (number + 1))
+                draws = draws[:-1]
+                if slot < lines:
+                    reservoir[slot] = (number, line)
+            number += 1
+    reservoir.sort()
+    return [sentence for _, line in reservoir for sentence in split_sentences(line)]
 
 
 def _progress_bar(documents: Iterable[list[str]], description: str) -> Iterable[list[str]]:

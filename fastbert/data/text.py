@@ -90,19 +90,24 @@ def sentences_of_lines(lines: Iterable[str]) -> list[str]:
     return sentences
 
 
-def documents_of_lines(lines: Iterable[str]) -> Iterator[list[str]]:
-    """Documents (lists of sentences) from lines in BERT's format: a blank line ends a document."""
+def raw_documents_of_lines(lines: Iterable[str]) -> Iterator[list[str]]:
+    """Documents as their non-blank lines, not yet split into sentences: a blank line ends a document
+    (BERT's format). The split (:func:`sentences_of_lines`) is the costly part, left to the consumer
+    so that it can run in worker processes."""
     current: list[str] = []
     for line in lines:
         if line.strip():
             current.append(line)
-            continue
-        if current:
-            sentences = sentences_of_lines(current)
-            if sentences:
-                yield sentences
+        elif current:
+            yield current
             current = []
     if current:
-        sentences = sentences_of_lines(current)
+        yield current
+
+
+def documents_of_lines(lines: Iterable[str]) -> Iterator[list[str]]:
+    """Documents (lists of sentences) from lines in BERT's format: a blank line ends a document."""
+    for raw in raw_documents_of_lines(lines):
+        sentences = sentences_of_lines(raw)
         if sentences:
             yield sentences
