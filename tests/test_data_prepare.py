@@ -373,4 +373,6 @@ def test_data_benchmark_quick_smoke():
                                                     ("data_prepare", "workers2"), ("data_prepare", "encode"),
                                                     ("data_pairs", "getitem")]
     assert all(row.ms_median > 0 and row.tokens_per_s > 0 for row in rows)
-    assert all(("MB/s" in row.note) == (row.op == "data_prepare") for row in rows)
+    assert all(not row.note for row in rows)
+    text = bench_data.summary(rows)
+    assert text.count("MB/s") == 3 and "2 workers vs 1:" in text

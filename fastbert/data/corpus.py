@@ -161,15 +161,41 @@ def _open_binary(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
+_BLOCK_BYTES = 1 << 20
+
+
 def _decoded_lines(path: Path, replaced: list[int]) -> Iterator[str]:
+    """The file's lines (split at b"\\n", trailing "\\r" dropped), decoded as UTF-8 with undecodable
+    bytes replaced and counted. Read in blocks of whole lines, each decoded in one call: the reader
+    runs beside the prepare workers, so its cost per line is what it can give them."""
     try:
         with _open_binary(path) as handle:
-            for raw in handle:
-                text, bad = decode_counting(raw)
-                replaced[0] += bad
-                yield text.rstrip("\r\n")
+            tail = b""
+            while block := handle.read(_BLOCK_BYTES):
+                block = tail + block
+                cut = block.rfind(b"\n") + 1
+                block, tail = block[:cut], block[cut:]
+                yield from _decoded_block(block, replaced)
+            yield from _decoded_block(tail, replaced)  # a last line without a newline
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:  # what gzip raises for a damaged file
         raise ValueError(f"{path}: truncated or corrupted gzip file ({err})") from None
+
+
+def _decoded_block(block: bytes, replaced: list[int]) -> Iterator[str]:
+    if not block:
+        return
+    try:
+        lines = block.decode("utf-8").split("\n")
+    except UnicodeDecodeError:  # line by line, each bad sequence replaced and counted
+        lines = []
+        for raw in block.split(b"\n"):
+            text, bad = decode_counting(raw)
+            replaced[0] += bad
+            lines.append(text)
+    if block.endswith(b"\n"):
+        lines.pop()  # the empty piece after the last newline
+    for line in lines:
+        yield line.rstrip("\r\n")
 
 
 # Each reader yields raw documents: their lines, at least one of them not blank.
