@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fastbert.pretrain.config import PretrainConfig
 
-    pretrain = commands.add_parser("pretrain", help="pre-train BERT (MLM + NSP); no arguments: bert-tiny on the "
+    pretrain = commands.add_parser("pretrain", help="pre-train BERT (masked-LM, or MLM + NSP); no arguments: bert-tiny on the "
                                                     "built-in corpus on this machine for a few minutes")
     options.add_options(pretrain, PretrainConfig)
     pretrain.set_defaults(run=_pretrain)
