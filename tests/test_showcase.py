@@ -65,6 +65,37 @@ def test_run_ends_with_masked_words_and_curves(tmp_path, data_dir, capsys):
     assert result.last_eval == {k: v for k, v in evals[-1].items() if k != "step"}
 
 
+SUMMARY = re.compile(r"^whole words masked in (\d+) held-out sentences: first guess right ([\d.]+)% \((\d+)\), "
+                     r"among the top 3 ([\d.]+)% \((\d+)\)$", re.MULTILINE)
+
+
+def test_the_whole_word_accuracy_counts_the_scored_sentences_and_the_shown_are_the_first(tmp_path, data_dir):
+    from transformers import BertForPreTraining as HFBertForPreTraining
+
+    out = tmp_path / "run"
+    pretrain(config(out, data_dir, max_steps=30, eval_every=30, eval_batches=2, lr=1e-2))
+    model = HFBertForPreTraining.from_pretrained(out / "final").eval()
+    data = load_prepared(data_dir)
+    vocab = (data_dir / "vocab.txt").read_text().splitlines()
+    held_out = eval_documents(data.num_documents, 0.05)
+    scored = 16  # fewer than the 24 held-out sentences here: the draw stops at it
+    text = showcase.write_showcase(out, model, data, held_out, max_seq_len=64, seed=0,
+                                   scored=scored)
+    # The figure, recounted from a separate draw of the same sentences by transformers' own model class.
+    examples = showcase.masked_word_examples(model, data, held_out, vocab, count=scored, max_seq_len=64, seed=0)
+    first = sum(e.guesses[0][0] == e.true_word for e in examples)
+    top3 = sum(e.true_word in [w for w, _ in e.guesses] for e in examples)
+    assert len(examples) == scored and 0 < first <= top3 < scored  # a trained model: some right, not all
+    words, first_pct, first_n, top3_pct, top3_n = SUMMARY.search(text).groups()
+    assert (int(words), int(first_n), int(top3_n)) == (scored, first, top3)
+    assert float(first_pct) == pytest.approx(100 * first / scored, abs=0.051)
+    assert float(top3_pct) == pytest.approx(100 * top3 / scored, abs=0.051)
+    shown = EXAMPLE.findall(text)
+    assert len(shown) == showcase.SHOWN
+    assert [(sentence, true_word) for _, sentence, _, true_word, _ in shown] == \
+        [(e.text, e.true_word) for e in examples[:showcase.SHOWN]]
+
+
 def test_eval_draws_the_asked_pairs_from_held_out_documents_only(tmp_path, data_dir):
     # 3 held-out documents hold fewer than 12 x 8 pairs of 64 tokens: further passes draw new ones.
     result = pretrain(config(tmp_path, data_dir, max_steps=1, eval_every=1, eval_batches=12))

@@ -11,11 +11,11 @@ from fastbert.options import MAX_LR, MAX_SEED, check_options, option
 from fastbert.training.optim import OPTIMIZERS
 from fastbert.training.schedule import SCHEDULES
 
-# The tuned default peak lr per optimizer, for bert-tiny (docs/pretrain_sweep.md): AdamW 2e-3 at 4,096
+# The tuned default peak lr per optimizer, for bert-tiny (docs/pretrain_sweep.md): AdamW 3e-3 at 4,096
 # tokens a step (the default recipe), LAMB 2e-2 at batch 32 x 128; large models and batches want their own.
-DEFAULT_LR = {"lamb": 2e-2, "adamw": 2e-3}
+DEFAULT_LR = {"lamb": 2e-2, "adamw": 3e-3}
 OBJECTIVE_NAMES = ("mlm", "mlm+nsp")
-MAX_STEPS_DEFAULT = 1000
+MAX_STEPS_DEFAULT = 1500
 
 
 # Each eval batch is collated once and kept: 10 k batches of 32 pairs is already far past a useful eval.
@@ -39,7 +39,7 @@ class PretrainConfig:
     phases: str | None = option(None, help="sequence-length phases SEQ:STEPS,... (e.g. 32:900,128:100, as BERT "
                                            "trained 90%% of its steps at 128, then 512): one run, one schedule over "
                                            "their sum; replaces --seq-len and --max-steps")
-    lr: float | None = option(None, above=0, at_most=MAX_LR, help="peak learning rate (default: 2e-3 AdamW, 2e-2 "
+    lr: float | None = option(None, above=0, at_most=MAX_LR, help="peak learning rate (default: 3e-3 AdamW, 2e-2 "
                                                                   "LAMB, tuned for bert-tiny)")
     warmup: float = option(0.05, help="< 1: fraction of max steps; >= 1: steps", at_least=0)
     schedule: str = option("linear", help="decay to zero after the warmup", choices=SCHEDULES)
