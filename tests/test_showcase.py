@@ -96,6 +96,10 @@ def test_the_whole_word_accuracy_counts_the_scored_sentences_and_the_shown_are_t
         [(e.text, e.true_word) for e in examples[:showcase.SHOWN]]
 
 
+def test_the_whole_word_accuracy_of_no_sentences_says_so():
+    assert "none found" in showcase.WholeWordAccuracy.of([]).summary()
+
+
 def test_eval_draws_the_asked_pairs_from_held_out_documents_only(tmp_path, data_dir):
     # 3 held-out documents hold fewer than 12 x 8 pairs of 64 tokens: further passes draw new ones.
     result = pretrain(config(tmp_path, data_dir, max_steps=1, eval_every=1, eval_batches=12))

@@ -36,6 +36,10 @@ class MaskedWordExample:
     def correct(self) -> bool:
         return bool(self.guesses) and self.guesses[0][0] == self.true_word
 
+    @property
+    def among_guesses(self) -> bool:
+        return self.true_word in [word for word, _ in self.guesses]
+
 
 def _detokenize(pieces: Sequence[str]) -> str:
     text = ""
@@ -125,9 +129,11 @@ class WholeWordAccuracy:
     @classmethod
     def of(cls, examples: Sequence[MaskedWordExample]) -> "WholeWordAccuracy":
         return cls(words=len(examples), first_right=sum(e.correct for e in examples),
-                   top3_right=sum(e.true_word in [w for w, _ in e.guesses] for e in examples))
+                   top3_right=sum(e.among_guesses for e in examples))
 
     def summary(self) -> str:
+        if self.words == 0:
+            return "whole words masked in held-out sentences: none found (no held-out sentence has a word to mask)"
         return (f"whole words masked in {self.words} held-out sentences: first guess right "
                 f"{self.first_right / self.words:.1%} ({self.first_right}), among the top 3 "
                 f"{self.top3_right / self.words:.1%} ({self.top3_right})")
@@ -138,7 +144,7 @@ def format_examples(examples: Sequence[MaskedWordExample]) -> str:
              "(✓ first guess right, ~ among the three)"]
     for number, example in enumerate(examples, 1):
         guesses = ", ".join(f"{word} ({p:.0%})" for word, p in example.guesses)
-        mark = "✓" if example.correct else "~" if example.true_word in [w for w, _ in example.guesses] else " "
+        mark = "✓" if example.correct else "~" if example.among_guesses else " "
         lines.append(f"{number}. {example.text}")
         lines.append(f"   {mark} true: {example.true_word:<14} top-3: {guesses}")
     return "\n".join(lines) + "\n"
